@@ -1,0 +1,350 @@
+"""Folders -> manifest (pandas) -> split -> tf.data. Nothing about models here.
+
+The Kaggle "Multi Cancer" set is laid out as ``Multi Cancer/<Type>/<subclass>/<file>.jpg`` (the current
+version nests a second ``Multi Cancer/``). :func:`scan` finds subclass folders by *name* at any depth, so the
+download root, either version's layout, or a single type folder all work.
+
+TensorFlow is imported inside the tf.data functions only, so scanning and splitting stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from multitask.errors import DataError
+from multitask.taxonomy import TASKS, Taxonomy, load_taxonomy
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+MANIFEST_COLUMNS = ("path", "subclass", "organ", "cancer", "organ_id", "cancer_id")
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
+LAYOUT_HINT = "expected <Type>/<subclass>/*.jpg, e.g. 'Brain Cancer/brain_glioma/brain_glioma_0001.jpg'"
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a visible file whose extension (any case) is a supported image format."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class ScanReport:
+    """What :func:`scan_tree` found besides the manifest."""
+
+    root: str
+    ignored_files: int = 0
+    unknown_folders: dict[str, int] = field(default_factory=dict)  # folder path -> image count
+    missing_subclasses: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+
+@dataclass
+class Scan:
+    manifest: pd.DataFrame
+    report: ScanReport
+
+
+def scan_tree(
+    root: str | os.PathLike,
+    *,
+    taxonomy: Taxonomy | None = None,
+    verify: bool = False,
+    allow_unknown: bool = False,
+    workers: int | None = None,
+) -> Scan:
+    """Walk ``root`` and return the labelled manifest plus a report of what was skipped and why."""
+    taxonomy = taxonomy or load_taxonomy()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder; {LAYOUT_HINT}")
+    known = set(taxonomy.subclasses)
+    report = ScanReport(root=str(root))
+    rows: list[tuple[str, str]] = []
+    seen_at: dict[str, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        images = sorted(f for f in filenames if is_image_file(f))
+        report.ignored_files += len(filenames) - len(images)
+        if not images:
+            continue
+        name = os.path.basename(dirpath)
+        if name not in known:
+            report.unknown_folders[dirpath] = len(images)
+            continue
+        seen_at.setdefault(name, []).append(dirpath)
+        rows.extend((os.path.abspath(os.path.join(dirpath, f)), name) for f in images)
+
+    if report.unknown_folders and not allow_unknown:
+        listing = "; ".join(f"{p} ({n} images)" for p, n in sorted(report.unknown_folders.items())[:10])
+        raise DataError(
+            f"{len(report.unknown_folders)} image folder(s) under {root} are not subclasses of the taxonomy "
+            f"({taxonomy.source}): {listing}. Add them to a --taxonomy CSV, or pass --allow-unknown to skip them."
+        )
+    for path, count in report.unknown_folders.items():
+        log.warning("skipping %s (%d images): folder name is not in the taxonomy", path, count)
+    for name, dirs in seen_at.items():
+        if len(dirs) > 1:
+            log.warning("subclass %s found in %d folders (%s); all are used", name, len(dirs), ", ".join(dirs))
+    if not rows:
+        raise DataError(f"no images under {root}: {LAYOUT_HINT}")
+
+    report.missing_subclasses = [s for s in taxonomy.subclasses if s not in seen_at]
+    if report.missing_subclasses:
+        log.warning("%d subclass(es) not found under %s: %s", len(report.missing_subclasses), root,
+                    ", ".join(report.missing_subclasses))
+
+    manifest = label_paths(pd.DataFrame(rows, columns=["path", "subclass"]), taxonomy)
+    if verify:
+        report.unreadable = find_unreadable(manifest["path"], workers=workers)
+        for path, reason in report.unreadable.items():
+            log.warning("dropping unreadable image %s: %s", path, reason)
+        manifest = manifest[~manifest["path"].isin(report.unreadable)].reset_index(drop=True)
+        if manifest.empty:
+            raise DataError(f"every image under {root} is unreadable; see the report above")
+    return Scan(manifest=manifest, report=report)
+
+
+def scan(root: str | os.PathLike, **options) -> pd.DataFrame:
+    """Manifest of every image under ``root``: path, subclass, organ, cancer, organ_id, cancer_id."""
+    return scan_tree(root, **options).manifest
+
+
+def label_paths(frame: pd.DataFrame, taxonomy: Taxonomy) -> pd.DataFrame:
+    """Add organ/cancer names and integer ids to a frame with ``path`` and ``subclass`` columns."""
+    table = taxonomy.table.set_index("subclass")
+    out = frame[["path", "subclass"]].copy()
+    out["organ"] = out["subclass"].map(table["organ"])
+    out["cancer"] = out["subclass"].map(table["cancer"])
+    if out["organ"].isna().any():
+        bad = sorted(out.loc[out["organ"].isna(), "subclass"].unique())
+        raise DataError(f"subclass(es) {', '.join(bad)} are not in the taxonomy ({taxonomy.source})")
+    for task in TASKS:
+        ids = {label: i for i, label in enumerate(taxonomy.labels(task))}
+        out[f"{task}_id"] = out[task].map(ids).astype("int64")
+    return out.reset_index(drop=True)
+
+
+def image_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it decodes fully."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncation, not just a valid header
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "not an image (unrecognised content)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"corrupt image ({exc})"
+    return None
+
+
+def find_unreadable(paths: Iterable[str], *, workers: int | None = None) -> dict[str, str]:
+    """Decode every file once (threads: PIL releases the GIL) and map each unreadable one to its reason."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        problems = pool.map(image_problem, paths, chunksize=64)
+        return {p: why for p, why in zip(paths, problems, strict=True) if why is not None}
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def split_manifest(
+    manifest: pd.DataFrame,
+    *,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    seed: int = 42,
+) -> pd.DataFrame:
+    """Copy of ``manifest`` with a ``split`` column: stratified by subclass, deterministic for ``seed``.
+
+    Subclasses with fewer than 3 images cannot be spread over three splits; they go to train (with a warning).
+    """
+    from sklearn.model_selection import train_test_split
+
+    train_f, val_f, test_f = _check_fractions(fractions)
+    out = manifest.copy()
+    out["split"] = "train"
+    counts = out["subclass"].value_counts()
+    tiny = counts[counts < 3].index
+    if len(tiny):
+        log.warning("subclass(es) %s have fewer than 3 images: all go to train", ", ".join(sorted(tiny)))
+    pool = out.index[~out["subclass"].isin(tiny)]
+    if len(pool) == 0 or (val_f == 0 and test_f == 0):
+        return out
+    strata = out.loc[pool, "subclass"]
+    held_out = val_f + test_f
+    try:
+        _, rest = train_test_split(pool, test_size=held_out, stratify=strata, random_state=seed)
+        if val_f == 0 or test_f == 0:
+            out.loc[rest, "split"] = "val" if val_f else "test"
+            return out
+        val, test = train_test_split(
+            rest, test_size=test_f / held_out, stratify=out.loc[rest, "subclass"], random_state=seed
+        )
+    except ValueError as exc:  # sklearn: too few images for a stratified split of this size
+        raise DataError(
+            f"cannot make a stratified {train_f:.2f}/{val_f:.2f}/{test_f:.2f} split of {len(pool)} images in "
+            f"{strata.nunique()} subclasses ({exc}); add images or change the fractions"
+        ) from exc
+    out.loc[val, "split"] = "val"
+    out.loc[test, "split"] = "test"
+    return out
+
+
+def _check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise DataError(f"split fractions {fractions} must be three non-negative numbers that sum to 1")
+    if fractions[0] == 0:
+        raise DataError("the train fraction must be positive")
+    return tuple(float(f) for f in fractions)  # type: ignore[return-value]
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``frame`` to ``path`` via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            frame.to_csv(fh, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_split(manifest: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Save a split manifest (must have a ``split`` column) as CSV, atomically."""
+    if "split" not in manifest.columns:
+        raise DataError("manifest has no 'split' column; call split_manifest first")
+    return write_csv_atomic(manifest, path)
+
+
+def load_split(
+    path: str | os.PathLike, *, taxonomy: Taxonomy | None = None, check_files: bool = True
+) -> pd.DataFrame:
+    """Read a split manifest written by :func:`save_split`, relabelled with ``taxonomy``; checks the files exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist; create one with `multitask scan DATA --out {path}`")
+    frame = pd.read_csv(path, dtype={"path": str, "subclass": str, "split": str}, keep_default_na=False)
+    missing_cols = [c for c in ("path", "subclass", "split") if c not in frame.columns]
+    if missing_cols:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing_cols)}; is this a split manifest?")
+    bad = sorted(set(frame["split"]) - set(SPLITS))
+    if bad:
+        raise DataError(f"{path}: unknown split value(s) {', '.join(bad)}; expected {', '.join(SPLITS)}")
+    if check_files:
+        gone = [p for p in frame["path"] if not os.path.isfile(p)]
+        if gone:
+            raise DataError(
+                f"{path}: {len(gone)} of {len(frame)} listed images no longer exist (first: {gone[0]}); "
+                "restore the data at the same location or make a new split with `multitask scan --out`"
+            )
+    extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    labelled = label_paths(frame, taxonomy or load_taxonomy())
+    return pd.concat([labelled, frame[extra].reset_index(drop=True)], axis=1)
+
+
+def counts_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Image counts per organ x cancer label, with totals."""
+    return pd.crosstab(manifest["organ"], manifest["cancer"], margins=True, margins_name="Total")
+
+
+# ----------------------------------------------------------------------------------------------- tf.data
+
+
+def load_image(path, image_size: int):
+    """Read, decode by content (JPEG/PNG/BMP/GIF, whatever the extension) to RGB, resize: float32 in 0..255."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)  # antialiased resize can overshoot slightly
+
+
+def task_labels(manifest: pd.DataFrame, task: str) -> dict[str, np.ndarray] | np.ndarray:
+    """Label arrays: ``{"organ": ids, "cancer": ids}`` for ``task="joint"``, else one id array."""
+    if task == "joint":
+        return {t: manifest[f"{t}_id"].to_numpy(np.int32) for t in TASKS}
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected joint, organ or cancer")
+    return manifest[f"{task}_id"].to_numpy(np.int32)
+
+
+def make_dataset(
+    manifest: pd.DataFrame,
+    *,
+    image_size: int,
+    batch_size: int,
+    task: str = "joint",
+    training: bool = False,
+    seed: int | None = None,
+    sample_weight: np.ndarray | dict[str, np.ndarray] | None = None,
+    augment=None,
+    with_labels: bool = True,
+):
+    """Batches of (float32 RGB images in 0..255, labels[, sample_weight]) from a manifest.
+
+    Shuffles only when ``training``; ``augment`` (a batch -> batch callable) runs on training batches only.
+    Files that fail to decode are skipped with a logged warning instead of stopping a run.
+    """
+    import tensorflow as tf
+
+    autotune = tf.data.AUTOTUNE
+    parts: tuple = (manifest["path"].to_numpy(str),)
+    if with_labels:
+        parts += (task_labels(manifest, task),)
+        if sample_weight is not None:
+            parts += (sample_weight,)
+    ds = tf.data.Dataset.from_tensor_slices(parts)
+    if training:  # shuffle paths, not decoded images: a full-size buffer costs nothing
+        ds = ds.shuffle(len(manifest), seed=seed, reshuffle_each_iteration=True)
+
+    def decode(path, *rest):
+        image = load_image(path, image_size)
+        return (image, *rest) if rest else image
+
+    ds = ds.map(decode, num_parallel_calls=autotune)
+    ds = ds.ignore_errors(log_warning=True).batch(batch_size)
+    if augment is not None and training:
+        ds = ds.map(lambda x, *rest: (augment(x), *rest) if rest else augment(x), num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
+
+# ----------------------------------------------------------------------------------------------- download
+
+KAGGLE_HANDLE = "obulisainaren/multi-cancer"
+
+
+def download(dest: str | os.PathLike | None = None) -> Path:
+    """Download the Kaggle "Multi Cancer" set with kagglehub and return the folder to pass as ``--data``."""
+    import kagglehub
+
+    try:
+        path = kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(dest) if dest else None)
+    except Exception as exc:  # kagglehub raises requests, HTTP and its own errors alike
+        raise DataError(
+            f"could not download {KAGGLE_HANDLE} from Kaggle ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Check your internet connection and Kaggle credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/"
+            "KAGGLE_KEY), or download it by hand: open https://www.kaggle.com/datasets/" + KAGGLE_HANDLE +
+            ", click Download, unzip the archive anywhere, and pass that folder as --data (any folder "
+            "above the <Type>/<subclass>/ folders works)."
+        ) from exc
+    return Path(path)

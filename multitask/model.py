@@ -1,0 +1,142 @@
+"""Backbone, heads, and the joint / single-task models built from them. Nothing about files or data.
+
+The backbone ends at pooled features (keras-hub style): raw RGB pixels in 0..255 -> InceptionV3's own scaling
+to [-1, 1], applied **once** by a built-in ``Rescaling`` layer (the research seed scaled twice) -> InceptionV3
+without its top -> global average pooling. The heads keep the seed's top, one per task:
+Dense(256, relu) -> Dropout(0.2) -> Dense(n) logits. The pooled features are computed once and shared by
+both heads, so a joint forward pass costs one backbone plus two small heads.
+
+Only built-in layers are used, so a saved ``.keras`` file loads with ``keras.models.load_model`` under the
+default ``safe_mode=True`` without any custom-object registration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+
+from multitask.errors import ModelError
+from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, TASKS
+
+MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
+FEATURE_DIM = 2048
+NUM_CLASSES = {"organ": len(ORGAN_LABELS), "cancer": len(CANCER_LABELS)}
+HEAD_UNITS = 256
+HEAD_DROPOUT = 0.2
+
+
+def resolve_weights(weights: str | os.PathLike | None) -> str | None:
+    """Normalise the ``weights`` option: "imagenet", None (also "none"), or an existing weights file path."""
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights) == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"weights file {path} does not exist; pass --weights imagenet (downloads once), --weights none "
+            "(random initialisation), or the path of InceptionV3 'notop' weights "
+            "(inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+        )
+    return str(path)
+
+
+def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "imagenet") -> keras.Model:
+    """Model from raw RGB pixels (0..255) to pooled InceptionV3 features of shape (FEATURE_DIM,)."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise ModelError(f"image size {image_size} is too small: InceptionV3 needs at least {MIN_IMAGE_SIZE} px")
+    weights = resolve_weights(weights)
+    image = keras.Input((image_size, image_size, 3), name="image")
+    # keras.applications.inception_v3.preprocess_input is x / 127.5 - 1: the same map as this layer.
+    scaled = keras.layers.Rescaling(scale=1.0 / 127.5, offset=-1.0, name="inception_scaling")(image)
+    try:
+        inception = keras.applications.InceptionV3(include_top=False, weights=weights, input_tensor=scaled)
+    except Exception as exc:  # keras raises a bare Exception on a failed download
+        if weights != "imagenet" or "fetch failure" not in str(exc).lower():
+            raise
+        raise ModelError(
+            f"could not download the ImageNet weights of InceptionV3 ({str(exc)[:160]}). Use --weights none to "
+            "train from random initialisation, or download "
+            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 once on a machine with internet and "
+            "pass --weights PATH"
+        ) from exc
+    features = keras.layers.GlobalAveragePooling2D(name="features")(inception.output)
+    return keras.Model(image, features, name="backbone")
+
+
+def build_heads(tasks: tuple[str, ...] = TASKS) -> keras.Model:
+    """Model from pooled features to a dict of logits, one entry per task, each the seed's top."""
+    for task in tasks:
+        if task not in NUM_CLASSES:
+            raise ValueError(f"unknown task {task!r}; expected organ or cancer")
+    features = keras.Input((FEATURE_DIM,), name="features")
+    logits = {}
+    for task in tasks:
+        x = keras.layers.Dense(HEAD_UNITS, activation="relu", name=f"{task}_hidden")(features)
+        x = keras.layers.Dropout(HEAD_DROPOUT, name=f"{task}_dropout")(x)
+        logits[task] = keras.layers.Dense(NUM_CLASSES[task], name=task)(x)
+    return keras.Model(features, logits, name="heads")
+
+
+def assemble(backbone: keras.Model, heads: keras.Model, *, name: str = "joint") -> keras.Model:
+    """The end-to-end model: image -> backbone -> heads, sharing (not copying) both parts' layers.
+
+    The heads' layers are re-applied rather than nested as a sub-model, so the outputs are the layers named
+    after their task ("organ", "cancer"), which is what losses, metrics and logs are keyed by.
+    """
+    image = keras.Input(backbone.input_shape[1:], name="image")
+    features = backbone(image)
+    logits = {}
+    for task in heads_tasks(heads):
+        x = heads.get_layer(f"{task}_hidden")(features)
+        x = heads.get_layer(f"{task}_dropout")(x)
+        logits[task] = heads.get_layer(task)(x)
+    return keras.Model(image, logits, name=name)
+
+
+def heads_tasks(heads: keras.Model) -> tuple[str, ...]:
+    """Tasks that a heads model (from :func:`build_heads`) has, in canonical order."""
+    names = {layer.name for layer in heads.layers}
+    return tuple(t for t in TASKS if t in names)
+
+
+def build_joint_model(image_size: int = 256, weights: str | os.PathLike | None = "imagenet") -> keras.Model:
+    """Shared InceptionV3 backbone with two heads; outputs ``{"organ": (None, 9), "cancer": (None, 2)}`` logits."""
+    return assemble(build_backbone(image_size, weights), build_heads(TASKS), name="joint")
+
+
+def build_single_task_model(
+    task: str, image_size: int = 256, weights: str | os.PathLike | None = "imagenet"
+) -> keras.Model:
+    """The same backbone with one head (``task`` is "organ" or "cancer"); output is ``{task: logits}``."""
+    heads = build_heads((task,))
+    return assemble(build_backbone(image_size, weights), heads, name=f"single_{task}")
+
+
+def model_tasks(model: keras.Model) -> tuple[str, ...]:
+    """Tasks a built or loaded model predicts, in the canonical order."""
+    return tuple(t for t in TASKS if t in model.output_names)
+
+
+def freeze_backbone(backbone: keras.Model, *, unfreeze_from: str | None = None) -> int:
+    """Freeze the backbone, then unfreeze layers from ``unfreeze_from`` (a layer name) upward.
+
+    BatchNormalization layers stay frozen, which in Keras also keeps them in inference mode, so fine-tuning
+    on small batches does not wreck their statistics. Returns the number of trainable layers.
+    """
+    backbone.trainable = True  # reset nested flags before choosing
+    names = [layer.name for layer in backbone.layers]
+    if unfreeze_from is None:
+        start = len(names)
+    elif unfreeze_from in names:
+        start = names.index(unfreeze_from)
+    else:
+        mixed = ", ".join(n for n in names if n.startswith("mixed"))
+        raise ModelError(f"no layer named {unfreeze_from!r} in the backbone; choose one of: {mixed}")
+    trainable = 0
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable

@@ -1,0 +1,162 @@
+"""A deterministic *synthetic* stand-in for the Kaggle "Multi Cancer" dataset, for demos and smoke tests only.
+
+Nothing here is medical data. Each organ gets its own visual style (a blood smear, an MRI slice, histology,
+cytology, a CT slice...), and within an organ the malignant subclasses differ from the benign ones by larger,
+darker, more numerous and more irregular structures, with enough per-image randomness that the two overlap a
+little: a model has to learn both tasks, and a model that learns nothing scores at chance.
+
+Files are written in the exact Kaggle hierarchy: ``<out>/Multi Cancer/Multi Cancer/<Type>/<subclass>/
+<subclass>_NNNN.jpg``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from multitask.taxonomy import Taxonomy, load_taxonomy
+
+DEMO_ROOT = Path("Multi Cancer") / "Multi Cancer"
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one organ looks: background, structures ("blobs"), and whether it is greyscale."""
+
+    background: tuple[float, float, float]
+    blob_color: tuple[float, float, float]
+    blob_count: int
+    blob_radius: float  # fraction of the image size
+    texture: float  # amplitude of low-frequency background texture
+    grey: bool = False
+    frame: bool = False  # an elliptical body outline (MRI / CT)
+    holes: int = 0  # white gaps (alveoli, gland lumens)
+
+
+STYLES: dict[str, Style] = {
+    "Blood": Style((235, 200, 205), (120, 60, 150), 10, 0.06, 12),
+    "Brain": Style((15, 15, 15), (200, 200, 200), 0, 0.10, 25, grey=True, frame=True),
+    "Breast": Style((90, 90, 90), (30, 30, 30), 1, 0.16, 35, grey=True),
+    "Cervix": Style((215, 225, 240), (60, 80, 170), 7, 0.05, 10),
+    "Colon": Style((225, 150, 190), (110, 40, 120), 14, 0.035, 20, holes=5),
+    "Kidney": Style((40, 40, 40), (150, 150, 150), 0, 0.09, 15, grey=True, frame=True),
+    "Lung": Style((215, 170, 215), (100, 50, 140), 16, 0.03, 15, holes=9),
+    "Lymph": Style((170, 120, 190), (60, 20, 100), 45, 0.025, 20),
+    "Mouth": Style((240, 170, 160), (150, 60, 90), 12, 0.04, 18),
+}
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bilinearly."""
+    grid = Image.fromarray(rng.uniform(0, 255, (cells, cells)).astype(np.uint8))
+    return np.asarray(grid.resize((size, size), Image.BILINEAR), np.float32) / 127.5 - 1.0
+
+
+def _paint(canvas: np.ndarray, cy: float, cx: float, radius: float, irregularity: float, rng,
+           color) -> np.ndarray:
+    """Blend a star-shaped blob (radius wobbling with angle by ``irregularity``) of ``color`` into ``canvas``."""
+    wobble = [(rng.uniform(-1, 1), k, rng.uniform(0, 2 * np.pi)) for k in (3, 5, 7)]
+    r = radius * rng.uniform(0.8, 1.2)
+    reach = int(r * (1 + irregularity * 1.5)) + 2  # only touch the blob's bounding box
+    size = canvas.shape[0]
+    y0, y1 = max(int(cy) - reach, 0), min(int(cy) + reach + 1, size)
+    x0, x1 = max(int(cx) - reach, 0), min(int(cx) + reach + 1, size)
+    if y0 >= y1 or x0 >= x1:
+        return canvas
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    angle = np.arctan2(dy, dx)
+    edge = r * (1.0 + irregularity * sum(a * np.cos(k * angle + p) for a, k, p in wobble) / 2.0)
+    mask = np.clip(edge + 1.0 - np.sqrt(dy * dy + dx * dx), 0.0, 1.0)[..., None]
+    window = canvas[y0:y1, x0:x1]
+    canvas[y0:y1, x0:x1] = window * (1 - mask) + np.asarray(color, np.float32) * mask
+    return canvas
+
+
+def render(organ: str, malignant: bool, variant: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One synthetic image (uint8 RGB, ``size`` x ``size``) of ``organ``; ``variant`` separates subclasses."""
+    style = STYLES[organ]
+    canvas = np.ones((size, size, 3), np.float32) * np.asarray(style.background, np.float32)
+    canvas += rng.normal(0, 8, 3).astype(np.float32)  # per-image stain / exposure shift
+    canvas += style.texture * _smooth_noise(rng, size, 6)[..., None]
+    if style.frame:  # body outline: brighter tissue inside
+        tissue = np.asarray(style.background) + 70 + 10 * variant
+        canvas = _paint(canvas, size / 2, size / 2, size * 0.38, 0.1, rng, tissue)
+    for _ in range(style.holes if not malignant else style.holes // 3):
+        cy, cx = rng.uniform(0.1, 0.9, 2) * size
+        canvas = _paint(canvas, cy, cx, size * rng.uniform(0.05, 0.09), 0.3, rng, (245, 245, 245))
+
+    # Malignancy: bigger, darker, more numerous and more irregular structures, with overlap between classes.
+    scale = rng.uniform(1.35, 1.9) if malignant else rng.uniform(0.8, 1.2)
+    count = style.blob_count or 1
+    count = int(round(count * (rng.uniform(1.3, 1.8) if malignant else rng.uniform(0.7, 1.1))))
+    irregularity = rng.uniform(0.35, 0.7) if malignant else rng.uniform(0.0, 0.25)
+    darkness = rng.uniform(0.55, 0.8) if malignant else rng.uniform(0.85, 1.1)
+    color = np.asarray(style.blob_color, np.float32) * darkness
+    color = color + 12.0 * variant * np.asarray([1.0, -0.5, 0.5])  # subclass tint
+    for _ in range(count):
+        if style.blob_count == 0 and not malignant:
+            break  # MRI / CT without a lesion
+        cy, cx = rng.uniform(0.15, 0.85, 2) * size
+        canvas = _paint(canvas, cy, cx, style.blob_radius * size * scale, irregularity, rng, color)
+    canvas += rng.normal(0, 6, canvas.shape).astype(np.float32)  # sensor / stain grain
+    if style.grey:
+        canvas[...] = canvas.mean(axis=2, keepdims=True)
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def generate(
+    out: str | os.PathLike,
+    *,
+    per_class: int = 40,
+    size: int = 128,
+    seed: int = 0,
+    with_bad_files: bool = False,
+    taxonomy: Taxonomy | None = None,
+) -> Path:
+    """Write the synthetic dataset under ``out`` and return the folder to pass as ``--data``."""
+    taxonomy = taxonomy or load_taxonomy()
+    out = Path(out)
+    root = out / DEMO_ROOT
+    for sub_index, row in taxonomy.table.iterrows():
+        folder = root / row["type_folder"] / row["subclass"]
+        folder.mkdir(parents=True, exist_ok=True)
+        siblings = taxonomy.table[taxonomy.table["organ"] == row["organ"]]["subclass"].tolist()
+        variant = siblings.index(row["subclass"])
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, sub_index, i])  # per-file stream: order-independent
+            pixels = render(row["organ"], row["cancer"] == "Malignant", variant, rng, size)
+            Image.fromarray(pixels).save(folder / f"{row['subclass']}_{i + 1:04d}.jpg", quality=90)
+    if with_bad_files:
+        plant_bad_files(root, taxonomy=taxonomy, size=size)
+    return out
+
+
+BAD_FILE_NAMES = {
+    "empty": "zz_bad_empty.jpg",
+    "truncated": "zz_bad_truncated.jpg",
+    "text": "zz_bad_text.jpg",
+    "png_as_jpg": "zz_png_named.jpg",
+    "notes": "notes.txt",
+}
+
+
+def plant_bad_files(root: Path, *, taxonomy: Taxonomy, size: int) -> dict[str, Path]:
+    """Add the files a real download may contain: empty, truncated, text-as-.jpg, PNG-as-.jpg, stray notes."""
+    first = taxonomy.table.iloc[0]
+    folder = root / first["type_folder"] / first["subclass"]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / name for kind, name in BAD_FILE_NAMES.items()}
+    paths["empty"].write_bytes(b"")
+    good = render(first["organ"], first["cancer"] == "Malignant", 0, np.random.default_rng(99), size)
+    Image.fromarray(good).save(paths["truncated"], format="JPEG", quality=90)
+    data = paths["truncated"].read_bytes()
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["text"].write_text("this is not an image\n")
+    Image.fromarray(good).save(paths["png_as_jpg"], format="PNG")  # readable: must be kept
+    paths["notes"].write_text("stray note; not an image, ignored by extension\n")
+    return paths
