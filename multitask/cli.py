@@ -81,7 +81,7 @@ def run_scan(args: argparse.Namespace) -> int:
         for path, reason in report.unreadable.items():
             print(f"  {path}: {reason}")
     if args.out:
-        split = split_manifest(manifest, fractions=args.fractions, seed=args.seed)
+        split = split_manifest(manifest, fractions=args.fractions, seed=args.seed, method=args.split)
         save_split(split, args.out)
         sizes = split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
         print(f"wrote {args.out} ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
@@ -106,6 +106,8 @@ def add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", type=_fractions, default=(0.70, 0.15, 0.15),
                    help="train,val,test fractions (default 0.7,0.15,0.15)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
+    p.add_argument("--split", choices=("random", "grouped"), default="random",
+                   help="random: stratified by subclass; grouped: also keeps near-duplicate siblings together")
 
 
 @command("demo-data", "write a small SYNTHETIC dataset in the Kaggle folder layout (smoke tests only)")

@@ -29,6 +29,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 MANIFEST_COLUMNS = ("path", "subclass", "organ", "cancer", "organ_id", "cancer_id")
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
+SPLIT_METHODS = ("random", "grouped")
 LAYOUT_HINT = "expected <Type>/<subclass>/*.jpg, e.g. 'Brain Cancer/brain_glioma/brain_glioma_0001.jpg'"
 
 
@@ -169,13 +170,21 @@ def split_manifest(
     *,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     seed: int = 42,
+    method: str = "random",
 ) -> pd.DataFrame:
     """Copy of ``manifest`` with a ``split`` column: stratified by subclass, deterministic for ``seed``.
+
+    ``method="random"`` splits files independently; ``"grouped"`` (leakage-aware) keeps near-duplicate
+    siblings of one source image together.
 
     Subclasses with fewer than 3 images cannot be spread over three splits; they go to train (with a warning).
     """
     from sklearn.model_selection import train_test_split
 
+    if method not in SPLIT_METHODS:
+        raise DataError(f"unknown split method {method!r}; expected one of {', '.join(SPLIT_METHODS)}")
+    if method == "grouped":
+        raise DataError("the grouped split is not implemented yet; use --split random")
     train_f, val_f, test_f = _check_fractions(fractions)
     out = manifest.copy()
     out["split"] = "train"
