@@ -1,0 +1,79 @@
+"""Grad-CAM per head: shapes, range, and that a trained head looks where its evidence is."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from multitask import model as mt_model
+from multitask.explain import GradCam, save_overlay, upsample
+
+SIZE = 192  # InceptionV3's mixed10 is 4x4 here: 2x2 cells per image quadrant
+
+
+def quadrant_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Grey noise; class 1 carries a bright 60 px patch inside the top-left quadrant, class 0 does not."""
+    images = rng.normal(110, 20, (n, SIZE, SIZE, 3)).clip(0, 255).astype(np.float32)
+    labels = np.arange(n) % 2
+    half = SIZE // 2
+    for i in np.flatnonzero(labels):
+        y, x = rng.integers(0, half - 60, 2)
+        images[i, y : y + 60, x : x + 60] = rng.uniform(200, 255, (60, 60, 3))
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained_joint():
+    """Joint model whose cancer head learned 'patch in the top-left quadrant' (frozen backbone, heads only)."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images, labels = quadrant_images(160, rng)
+    backbone = mt_model.build_backbone(SIZE, weights=None)
+    heads = mt_model.build_heads()
+    features = backbone.predict(images, batch_size=32, verbose=0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    heads.compile(optimizer=keras.optimizers.Adam(1e-3), loss={"organ": loss, "cancer": loss},
+                  metrics={"cancer": ["accuracy"]})
+    heads.fit(features, {"organ": labels, "cancer": labels}, epochs=30, batch_size=32, verbose=0)
+    return mt_model.assemble(backbone, heads), rng
+
+
+def test_heatmaps_have_feature_map_shape_and_unit_range(trained_joint):
+    net, rng = trained_joint
+    images, _ = quadrant_images(6, rng)
+    cams, predicted = GradCam(net)(images)
+    assert set(cams) == {"organ", "cancer"}
+    for cam in cams.values():
+        assert cam.shape == (6, 4, 4) and cam.dtype == np.float32
+        peaks = cam.max(axis=(1, 2))  # 1, or 0 where no region speaks for the predicted class
+        assert cam.min() >= 0.0 and np.all(np.isclose(peaks, 1.0) | np.isclose(peaks, 0.0))
+        assert np.isclose(peaks, 1.0).any()
+    assert predicted["organ"].shape == (6,)
+
+
+def test_cancer_heatmap_peaks_in_the_quadrant_holding_the_evidence(trained_joint):
+    net, rng = trained_joint
+    images, labels = quadrant_images(20, rng)
+    cams, predicted = GradCam(net)(images)
+    positives = (labels == 1) & (predicted["cancer"] == 1)
+    assert positives.sum() >= 8  # the head learned the task
+    for cam in cams["cancer"][positives]:
+        row, col = np.unravel_index(np.argmax(cam), cam.shape)
+        assert row < 2 and col < 2, cam.round(2)
+        assert cam[:2, :2].mean() > cam[2:, 2:].mean()
+
+
+def test_single_task_model_gets_one_heatmap():
+    net = mt_model.build_single_task_model("organ", SIZE, weights=None)
+    cams, _ = GradCam(net)(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    assert list(cams) == ["organ"]
+
+
+def test_overlay_png_is_written(tmp_path, trained_joint):
+    net, rng = trained_joint
+    images, _ = quadrant_images(1, rng)
+    cams, _ = GradCam(net)(images)
+    path = save_overlay(images[0], {t: c[0] for t, c in cams.items()}, {"organ": "organ"}, tmp_path / "x.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert upsample(cams["cancer"][0], SIZE).shape == (SIZE, SIZE)
