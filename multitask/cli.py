@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from multitask.errors import MultitaskError
 
@@ -103,11 +105,56 @@ def add_taxonomy_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_split_options(p: argparse.ArgumentParser) -> None:
+    from multitask.data import DEFAULT_SPLIT_METHOD, SPLIT_METHODS
+
     p.add_argument("--fractions", type=_fractions, default=(0.70, 0.15, 0.15),
                    help="train,val,test fractions (default 0.7,0.15,0.15)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
-    p.add_argument("--split", choices=("random", "grouped"), default="random",
-                   help="random: stratified by subclass; grouped: also keeps near-duplicate siblings together")
+    p.add_argument("--split", choices=SPLIT_METHODS, default=DEFAULT_SPLIT_METHOD,
+                   help="grouped (default): stratified by subclass, and the augmented siblings of one source image "
+                        "stay in one split; random: files split independently, so siblings leak across splits")
+
+
+@command("audit-split", "count near-duplicate images that a split puts on both sides (train-test, ...)")
+def run_audit_split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from multitask.grouping import audit_split, read_split_table, write_audit
+
+    frame = read_split_table(args.split_csv)
+    by = "subclass" if "subclass" in frame.columns else "the whole set (no subclass column)"
+    print(f"checking {len(frame)} images of {args.split_csv}; candidates within {by}, k={args.k}, "
+          f"min inliers {args.min_inliers}")
+    audit = audit_split(frame, k=args.k, min_inliers=args.min_inliers, cache_dir=args.cache_dir,
+                        workers=args.workers)
+    out = Path(args.out) if args.out else Path(args.split_csv).resolve().parent
+    written = write_audit(audit, out, examples=args.examples)
+    print("\nnear-duplicate pairs across splits (" + ", ".join(f"{s} {n}" for s, n in audit.sizes.items()) + ")")
+    for pair, count in audit.counts.items():
+        print(f"  {pair:<12} {count}")
+    for name, count in audit.leaked.items():
+        print(f"  {name} images with a near-duplicate in an earlier split: {count} of {audit.sizes[name]}")
+    if len(audit.pairs):
+        worst = audit.pairs.head(args.examples).copy()
+        for column in ("path_a", "path_b"):  # the last two path parts (subclass/file) fit on a line
+            worst[column] = worst[column].map(lambda p: "/".join(Path(p).parts[-2:]))
+        _print_table("worst pairs (most inliers)", worst)
+    print(f"\nwrote {written['report']}\nwrote {written['contact_sheet']}")
+    return 0
+
+
+def add_audit_split(p: argparse.ArgumentParser) -> None:
+    from multitask.grouping import GroupingParams
+
+    p.add_argument("split_csv", help="CSV with path and split columns (subclass optional), from any tool")
+    p.add_argument("--out", help="folder for audit.json and audit_pairs.png (default: the CSV's folder)")
+    p.add_argument("--k", type=int, default=GroupingParams.k,
+                   help="candidates checked per image in each earlier split (default %(default)s)")
+    p.add_argument("--min-inliers", type=int, default=GroupingParams.min_inliers,
+                   help="geometric inliers that make two images near-duplicates (default %(default)s)")
+    p.add_argument("--examples", type=int, default=8, help="pairs shown in the table and the contact sheet")
+    p.add_argument("--cache-dir", help="cache ORB keypoints here (reused by later audits and grouped splits)")
+    p.add_argument("--workers", type=int, help="threads (default: all cores)")
 
 
 @command("demo-data", "write a small SYNTHETIC dataset in the Kaggle folder layout (smoke tests only)")
@@ -127,6 +174,170 @@ def add_demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--with-bad-files", action="store_true",
                    help="also write an empty, a truncated, a text and a PNG-named-.jpg file")
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@command("train", "train the joint model (or one single-task model) and write a run directory")
+def run_train(args: argparse.Namespace) -> int:
+    from multitask.run import CONFIG_FILE, HISTORY_FILE, HISTORY_PLOT
+    from multitask.train import TENSORBOARD_DIR, TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, data=args.data, task=args.task, weights=args.weights, image_size=args.image_size,
+        batch_size=args.batch_size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+        unfreeze_from=args.unfreeze_from, learning_rate=args.learning_rate,
+        fine_tune_learning_rate=args.fine_tune_learning_rate, loss_weights=args.loss_weights,
+        weighting=args.weighting, balance=args.balance, split_file=args.split_file, split=args.split,
+        fractions=args.fractions, seed=args.seed, strategy=args.strategy, taxonomy=args.taxonomy,
+        allow_unknown=args.allow_unknown, cache_dir=args.cache_dir, patience=args.patience,
+        overwrite=args.overwrite, verbose=1,
+    )
+    info = train(config)
+    print(f"\nfinished run in {info.path}")
+    for label, name in (("model", info.model_path.name), ("config", CONFIG_FILE), ("split", info.split_path.name),
+                        ("history", HISTORY_FILE), ("plot", HISTORY_PLOT), ("tensorboard", TENSORBOARD_DIR)):
+        if (info.path / name).exists():
+            print(f"  {label:<12} {info.path / name}")
+    final = info.config["final"]
+    for task in info.tasks:
+        print(f"  {task:<12} val accuracy {final.get(f'val_{task}_accuracy', float('nan')):.3f}, "
+              f"val loss {final.get(f'val_{task}_loss', float('nan')):.3f} (last epoch)")
+    print(f"  {'seconds':<12} " + ", ".join(f"{k} {v:.1f}" for k, v in info.config["timings"].items()))
+    return 0
+
+
+def _loss_weights(text: str) -> dict[str, float]:
+    from multitask.weighting import parse_loss_weights
+
+    try:
+        return parse_loss_weights(text)
+    except MultitaskError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    from multitask.train import STRATEGIES, TASK_CHOICES, TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", help="dataset folder to scan and split (not needed with --split-file)")
+    p.add_argument("--out", required=True, help="run directory to write (rerun the same command to resume it)")
+    p.add_argument("--task", choices=TASK_CHOICES, default=d.task,
+                   help="joint: one backbone, two heads; organ / cancer: a single-task model (default %(default)s)")
+    p.add_argument("--weights", default=d.weights,
+                   help="backbone initialisation: imagenet, none, or an InceptionV3 notop .h5 file (default "
+                        "%(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs of the heads on cached backbone features (default %(default)s)")
+    p.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs,
+                   help="then epochs of end-to-end fine-tuning on augmented images (default %(default)s)")
+    p.add_argument("--unfreeze-from", default=d.unfreeze_from,
+                   help="first backbone layer to fine-tune; BatchNorm stays frozen (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default %(default)s")
+    p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
+                   help="default: a tenth of --learning-rate")
+    p.add_argument("--loss-weights", type=_loss_weights, default=d.loss_weights,
+                   help="static weight of each head's loss, e.g. organ=1.0,cancer=0.5 (default 1 each)")
+    p.add_argument("--weighting", choices=("static", "uncertainty"), default=d.weighting,
+                   help="static: --loss-weights; uncertainty: learned (Kendall et al. 2018) (default %(default)s)")
+    p.add_argument("--balance", action="store_true", help="weight samples so each task's classes count equally")
+    p.add_argument("--split-file", help="reuse this saved split (from `multitask scan --out`) instead of --data")
+    add_split_options(p)
+    add_taxonomy_options(p)
+    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="tf.distribute: mirrored = all local GPUs (or CPUs), multiworker = TF_CONFIG cluster")
+    p.add_argument("--cache-dir", help="where backbone features are cached (default RUN_DIR/cache)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stopping: epochs without a better validation loss (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
+
+
+# ----------------------------------------------------------------------------------------------- evaluate / predict
+
+
+@command("evaluate", "metrics, confusion matrices and a report of a run on its test split or another folder")
+def run_evaluate(args: argparse.Namespace) -> int:
+    from multitask.evaluate import METRICS_FILE, REPORT_FILE, evaluate_run, summary_table
+
+    metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
+                           batch_size=args.batch_size)
+    source = metrics["source"]
+    print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
+    _print_table("metrics", summary_table(metrics))
+    for task in metrics["tasks"]:
+        for note in metrics[task].get("notes", []):
+            print(f"note ({task}): {note}")
+    if metrics["unreadable"]:
+        print(f"\nleft out {len(metrics['unreadable'])} unreadable file(s):")
+        for path, reason in metrics["unreadable"].items():
+            print(f"  {path}: {reason}")
+    out = Path(args.out or args.run_dir)
+    print(f"\nwrote {out / METRICS_FILE} and {out / REPORT_FILE} (with figures)")
+    return 0
+
+
+def add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--data", help="evaluate every image of this folder (Kaggle layout) instead of the run's split")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="which split of the run's split.csv to evaluate (default %(default)s)")
+    p.add_argument("--out", help="folder for metrics.json, report.md and figures (default: the run directory)")
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+
+
+SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob", "error")
+PREDICT_ROWS_SHOWN = 50
+
+
+@command("predict", "predict organ and benign/malignant for image files, folders or globs with a finished run")
+def run_predict(args: argparse.Namespace) -> int:
+    from multitask.predict import Predictor, sample_predictions, write_predictions
+
+    if bool(args.paths) == (args.sample is not None):
+        print("multitask predict: error: give image PATHs or --sample N (not both, not neither)", file=sys.stderr)
+        return 2
+    if args.sample is not None:
+        frame = sample_predictions(args.run_dir, args.sample, split=args.split, seed=args.seed,
+                                   batch_size=args.batch_size)
+        table = frame.set_index(frame["path"].map(os.path.basename).rename("file"))
+        _print_table(f"{len(frame)} random {args.split} images: true vs predicted",
+                     table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"))
+        hits = [c for c in frame.columns if c.endswith("_hit")]
+        print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
+    else:
+        frame = Predictor.from_run(args.run_dir).predict(args.paths, batch_size=args.batch_size)
+        shown = frame.drop(columns=[c for c in frame.columns if c.startswith("p_")]).round(3).fillna("")
+        if not args.out:
+            print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
+            if len(frame) > PREDICT_ROWS_SHOWN:
+                print(f"... {len(frame) - PREDICT_ROWS_SHOWN} more rows; pass --out FILE.csv to save them all")
+    failed = int(frame["error"].notna().sum())
+    print(f"\npredicted {len(frame) - failed} of {len(frame)} file(s)" + (f"; {failed} unreadable" if failed else ""))
+    if args.out:
+        print(f"wrote {write_predictions(frame, args.out)}")
+    return 0
+
+
+def _predictions_file(text: str) -> str:
+    if not text.lower().endswith((".csv", ".json")):
+        raise argparse.ArgumentTypeError(f"expected a .csv or .json file name, got {text!r}")
+    return text
+
+
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--out", type=_predictions_file,
+                   help="save all rows (with per-class probabilities) as .csv or .json")
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="instead of PATHs: N random images of the run's own split, true vs predicted")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="split that --sample draws from (default %(default)s; train is refused)")
+    p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ MANIFEST_COLUMNS = ("path", "subclass", "organ", "cancer", "organ_id", "cancer_i
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 SPLIT_METHODS = ("random", "grouped")
+DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one source stay in one split
 LAYOUT_HINT = "expected <Type>/<subclass>/*.jpg, e.g. 'Brain Cancer/brain_glioma/brain_glioma_0001.jpg'"
 
 
@@ -170,28 +171,54 @@ def split_manifest(
     *,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     seed: int = 42,
-    method: str = "random",
+    method: str = DEFAULT_SPLIT_METHOD,
+    groups: Sequence[int] | np.ndarray | None = None,
+    min_inliers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """Copy of ``manifest`` with a ``split`` column: stratified by subclass, deterministic for ``seed``.
 
-    ``method="random"`` splits files independently; ``"grouped"`` (leakage-aware) keeps near-duplicate
-    siblings of one source image together.
+    ``method="grouped"`` (the default, leakage-aware) first finds the augmented siblings of each source image
+    (:func:`multitask.grouping.find_sibling_groups`, or the ``groups`` given, one id per row) and puts each group
+    whole into one split; it adds ``group``, ``split_method`` and ``split_min_inliers`` columns.
+    ``method="random"`` splits files independently (siblings leak across splits) and adds ``split_method``.
 
     Subclasses with fewer than 3 images cannot be spread over three splits; they go to train (with a warning).
     """
-    from sklearn.model_selection import train_test_split
-
     if method not in SPLIT_METHODS:
         raise DataError(f"unknown split method {method!r}; expected one of {', '.join(SPLIT_METHODS)}")
-    if method == "grouped":
-        raise DataError("the grouped split is not implemented yet; use --split random")
-    train_f, val_f, test_f = _check_fractions(fractions)
+    fractions = _check_fractions(fractions)
+    if method == "random":
+        out = _random_split(manifest, fractions=fractions, seed=seed)
+        out["split_method"] = "random"
+        return out
+    out = manifest.copy()
+    if groups is None:
+        from multitask.grouping import GroupingParams, find_sibling_groups
+
+        min_inliers = GroupingParams.min_inliers if min_inliers is None else min_inliers
+        groups = find_sibling_groups(manifest, min_inliers=min_inliers, cache_dir=cache_dir, workers=workers).groups
+    groups = np.asarray(groups)
+    if len(groups) != len(out) or pd.isna(groups).any():
+        raise DataError(f"got {len(groups)} group ids ({int(pd.isna(groups).sum())} missing) for {len(out)} "
+                        "manifest rows; give one id per row")
+    out["split"] = _split_groups(out["subclass"].to_numpy(object), groups, fractions=fractions, seed=seed)
+    out["group"] = pd.factorize(groups)[0]
+    out["split_method"] = "grouped"
+    if min_inliers is not None:
+        out["split_min_inliers"] = int(min_inliers)
+    return out
+
+
+def _random_split(manifest: pd.DataFrame, *, fractions: tuple[float, float, float], seed: int) -> pd.DataFrame:
+    """Files split independently, stratified by subclass (sklearn ``train_test_split`` twice)."""
+    from sklearn.model_selection import train_test_split
+
+    train_f, val_f, test_f = fractions
     out = manifest.copy()
     out["split"] = "train"
-    counts = out["subclass"].value_counts()
-    tiny = counts[counts < 3].index
-    if len(tiny):
-        log.warning("subclass(es) %s have fewer than 3 images: all go to train", ", ".join(sorted(tiny)))
+    tiny = _tiny_subclasses(out)
     pool = out.index[~out["subclass"].isin(tiny)]
     if len(pool) == 0 or (val_f == 0 and test_f == 0):
         return out
@@ -213,6 +240,51 @@ def split_manifest(
     out.loc[val, "split"] = "val"
     out.loc[test, "split"] = "test"
     return out
+
+
+def _tiny_subclasses(manifest: pd.DataFrame) -> pd.Index:
+    """Subclasses with fewer than 3 images (logged): they all go to train."""
+    counts = manifest["subclass"].value_counts()
+    tiny = counts[counts < 3].index
+    if len(tiny):
+        log.warning("subclass(es) %s have fewer than 3 images: all go to train", ", ".join(sorted(tiny)))
+    return tiny
+
+
+def _split_groups(subclass: np.ndarray, groups: np.ndarray, *, fractions: tuple[float, float, float],
+                  seed: int) -> np.ndarray:
+    """Split name per row such that no group spans two splits and each subclass is near its fractions.
+
+    Groups are visited in a seeded random order; each goes whole to the split whose share of the group's
+    subclass(es) is furthest below its target, so every split ends within one group's size of its target.
+    """
+    split = np.full(len(groups), SPLITS[0], dtype=object)
+    tiny = np.isin(subclass, list(_tiny_subclasses(pd.DataFrame({"subclass": subclass}))))
+    pool = np.flatnonzero(~np.isin(groups, groups[tiny]))  # a group touching a tiny subclass stays in train
+    if len(pool) == 0:
+        return split
+    sub_codes, sub_names = pd.factorize(subclass[pool], sort=True)
+    group_codes, _ = pd.factorize(groups[pool])
+    sizes = np.bincount(sub_codes).astype(float)
+    target = np.asarray(fractions)[None, :] * sizes[:, None]
+    filled = np.zeros_like(target)
+    closed = np.asarray(fractions) == 0
+    by_group = np.argsort(group_codes, kind="stable")
+    bounds = np.searchsorted(group_codes[by_group], np.arange(group_codes.max() + 2))
+    for g in np.random.default_rng(seed).permutation(group_codes.max() + 1):
+        rows = by_group[bounds[g]:bounds[g + 1]]
+        subs, count = np.unique(sub_codes[rows], return_counts=True)
+        deficit = (((target[subs] - filled[subs]) / sizes[subs, None]) * count[:, None]).sum(axis=0)
+        deficit[closed] = -np.inf
+        choice = int(np.argmax(deficit))
+        filled[subs, choice] += count
+        split[pool[rows]] = SPLITS[choice]
+    for s, name in enumerate(sub_names):
+        empty = [SPLITS[k] for k in range(3) if not closed[k] and filled[s, k] == 0]
+        if empty:
+            log.warning("subclass %s: its %d images form too few sibling groups to fill %s", name, int(sizes[s]),
+                        " and ".join(empty))
+    return split
 
 
 def _check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:

@@ -19,3 +19,7 @@ class ModelError(MultitaskError):
 
 class RunError(MultitaskError):
     """A run directory is missing, incomplete, or incompatible."""
+
+
+class ConfigError(MultitaskError):
+    """A training setting is invalid (e.g. an unknown task in --loss-weights)."""

@@ -160,3 +160,86 @@ def plant_bad_files(root: Path, *, taxonomy: Taxonomy, size: int) -> dict[str, P
     Image.fromarray(good).save(paths["png_as_jpg"], format="PNG")  # readable: must be kept
     paths["notes"].write_text("stray note; not an image, ignored by extension\n")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------- siblings
+# The Kaggle set makes its 5,000 images per subclass by augmenting far fewer source images. These functions plant
+# the same structure, with a known truth, so leakage-aware splitting can be tested.
+
+MAX_ROTATION_DEG = 10.0
+MAX_SHIFT = 0.10  # fraction of the side
+MAX_ZOOM = 0.10
+BRIGHTNESS = (0.8, 1.2)
+
+
+def augment_like_kaggle(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A sibling of ``image`` (uint8, HxW or HxWxC): rotation <=10 deg, shift/zoom <=10%, flip, brightness 0.8-1.2."""
+    import cv2
+
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG),
+                                     rng.uniform(1 - MAX_ZOOM, 1 + MAX_ZOOM))
+    matrix[:, 2] += rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (width, height)
+    # BORDER_REPLICATE is Keras ImageDataGenerator's default fill_mode="nearest".
+    out = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.clip(out.astype(np.float32) * rng.uniform(*BRIGHTNESS), 0, 255).astype(np.uint8)
+
+
+def _speckle(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Small sharp-edged light and dark dots (nuclei, vessels), about [-1, 1]: detail for local features to hold."""
+    import cv2
+
+    layer = np.zeros((size, size), np.float32)
+    for _ in range(size * size // 120):
+        cx, cy = (int(v) for v in rng.integers(0, size, 2))
+        axes = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        cv2.ellipse(layer, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, float(rng.choice([-1.0, 1.0])), -1)
+    return layer
+
+
+def render_source(organ: str, malignant: bool, variant: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A :func:`render` image plus sharp speckle, so that every source is distinct at the keypoint level."""
+    pixels = render(organ, malignant, variant, rng, size).astype(np.float32)
+    pixels += 45.0 * _speckle(rng, size)[..., None]
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def generate_with_siblings(
+    out: str | os.PathLike,
+    *,
+    sources_per_class: int = 6,
+    siblings_per_source: int = 4,
+    size: int = 192,
+    seed: int = 0,
+    subclasses: list[str] | None = None,
+    taxonomy: Taxonomy | None = None,
+) -> dict[str, str]:
+    """Write augmented siblings of a few sources per subclass (Kaggle layout); return path -> source id.
+
+    Files are named ``<subclass>_NNNN.jpg`` in a shuffled order, as in the real set, so that nothing but the
+    pixels tells which files share a source. Source ids look like ``lung_aca/s003``.
+    """
+    taxonomy = taxonomy or load_taxonomy()
+    unknown = sorted(set(subclasses or ()) - set(taxonomy.subclasses))
+    if unknown:
+        raise ValueError(f"unknown subclass(es) {', '.join(unknown)}; expected names from the taxonomy")
+    table = taxonomy.table if subclasses is None else taxonomy.table[taxonomy.table["subclass"].isin(subclasses)]
+    root = Path(out) / DEMO_ROOT
+    truth: dict[str, str] = {}
+    for sub_index, row in table.iterrows():
+        folder = root / row["type_folder"] / row["subclass"]
+        folder.mkdir(parents=True, exist_ok=True)
+        same_organ = taxonomy.table[taxonomy.table["organ"] == row["organ"]]["subclass"].tolist()
+        variant = same_organ.index(row["subclass"])
+        order = np.random.default_rng([seed, sub_index, 1]).permutation(sources_per_class * siblings_per_source)
+        for source in range(sources_per_class):
+            rng = np.random.default_rng([seed, sub_index, 0, source])
+            pixels = render_source(row["organ"], row["cancer"] == "Malignant", variant, rng, size)
+            for sibling in range(siblings_per_source):
+                number = order[source * siblings_per_source + sibling] + 1
+                path = folder / f"{row['subclass']}_{number:04d}.jpg"
+                Image.fromarray(augment_like_kaggle(pixels, rng)).save(path, quality=90)
+                truth[os.path.abspath(path)] = f"{row['subclass']}/s{source:03d}"
+    return truth

@@ -43,3 +43,21 @@ def real_sample() -> Path:
     if not REAL_SAMPLE.is_dir():
         pytest.skip(f"{REAL_SAMPLE} not present")
     return REAL_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def joint_run(demo_split_csv, tmp_path_factory) -> Path:
+    """A finished joint run at IMAGE_SIZE trained 4 epochs on demo_data's train split (tests/helpers.make_run)."""
+    from helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("joint_run"), split_csv=demo_split_csv, task="joint",
+                    image_size=IMAGE_SIZE, epochs=4)
+
+
+@pytest.fixture(scope="session")
+def cancer_run(demo_split_csv, tmp_path_factory) -> Path:
+    """A finished, untrained single-task cancer run at IMAGE_SIZE (tests/helpers.make_run)."""
+    from helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("cancer_run"), split_csv=demo_split_csv, task="cancer",
+                    image_size=IMAGE_SIZE)

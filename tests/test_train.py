@@ -1,0 +1,336 @@
+"""Training: `multitask train`, the feature cache, resuming (on two mirrored CPUs), fine-tuning, and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import IMAGE_SIZE
+
+from multitask import cli
+from multitask import train as train_module
+from multitask.data import load_image, load_split, scan, split_manifest
+from multitask.errors import ConfigError, ModelError, RunError
+from multitask.run import CONFIG_FILE, HISTORY_FILE, HISTORY_PLOT, MODEL_FILE, SPLIT_FILE, open_run
+from multitask.synthetic import plant_bad_files
+from multitask.taxonomy import load_taxonomy
+from multitask.train import (
+    STATE_DIR,
+    TrainConfig,
+    cached_features,
+    class_weights,
+    extract_features,
+    sample_weights,
+    train,
+)
+
+
+class Interrupted(RuntimeError):
+    """Stands in for Ctrl-C or a killed process (pytest treats a real KeyboardInterrupt as 'stop everything')."""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="module")
+def cli_joint_run(demo_data, cache_dir, tmp_path_factory):
+    """One joint run through the CLI, in-process: a new random split, uncertainty weighting, balanced classes."""
+    out = tmp_path_factory.mktemp("runs") / "joint"
+    rc = cli.main([
+        "train", "--data", str(demo_data), "--split", "random", "--out", str(out), "--weights", "none",
+        "--image-size", str(IMAGE_SIZE), "--epochs", "3", "--learning-rate", "0.01", "--weighting", "uncertainty",
+        "--balance", "--cache-dir", str(cache_dir),
+    ])
+    return rc, out
+
+
+def small_config(tmp_path, split_file, **changes) -> TrainConfig:
+    settings = dict(out=str(tmp_path / "run"), split_file=str(split_file), weights="none", image_size=IMAGE_SIZE,
+                    epochs=1, verbose=0)
+    return TrainConfig(**{**settings, **changes})
+
+
+# ----------------------------------------------------------------------------------------------- the joint run
+
+
+def test_cli_train_writes_a_complete_run(cli_joint_run, demo_data):
+    rc, out = cli_joint_run
+    assert rc == 0
+    for name in (MODEL_FILE, CONFIG_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not (out / STATE_DIR).exists()
+    info = open_run(out)
+    config = info.config
+    assert info.task == "joint" and info.tasks == ("organ", "cancer") and info.image_size == IMAGE_SIZE
+    assert info.labels["organ"][0] == "Blood" and info.labels["cancer"] == ["Benign", "Malignant"]
+    assert set(config["timings"]) == {"features", "heads", "fine_tune"}
+    assert config["epochs"] == {"heads": 3, "fine_tune": 0} and config["seed"] == 42
+    assert config["versions"]["keras"] == keras.__version__
+    settings = TrainConfig.from_dict(config["settings"])
+    assert settings.weighting == "uncertainty" and settings.balance and settings.learning_rate == 0.01
+    assert settings.to_dict() == config["settings"]
+    expected = split_manifest(scan(demo_data), seed=42, method="random")  # what --data --split random makes
+    saved = load_split(out / SPLIT_FILE)
+    pd.testing.assert_frame_equal(saved[["path", "split"]], expected[["path", "split"]])
+
+
+def test_history_logs_each_head_and_the_learned_weights(cli_joint_run):
+    _, out = cli_joint_run
+    history = pd.read_csv(out / HISTORY_FILE)
+    assert history["epoch"].tolist() == [0, 1, 2]
+    for key in ("loss", "organ_loss", "cancer_loss", "organ_accuracy", "cancer_accuracy", "organ_log_var",
+                "cancer_weight"):
+        assert key in history.columns and f"val_{key}" in history.columns or key.endswith(("_log_var", "_weight"))
+    learned = json.loads((out / CONFIG_FILE).read_text())["weighting"]
+    assert learned["method"] == "uncertainty" and "exp(-s_t)" in learned["formula"]
+    # the learned log-variances moved, were logged every epoch, and the saved values are the final ones
+    assert history["organ_log_var"].iloc[0] != pytest.approx(history["organ_log_var"].iloc[-1])
+    assert abs(learned["log_vars"]["organ"]) > 1e-3
+    assert learned["log_vars"]["organ"] == pytest.approx(history["organ_log_var"].iloc[-1])
+    assert learned["loss_weights"]["cancer"] == pytest.approx(np.exp(-learned["log_vars"]["cancer"]))
+
+
+def test_saved_model_loads_safely_and_matches_the_cached_features(cli_joint_run):
+    """model.keras must hold the very backbone whose features the heads were trained on."""
+    _, out = cli_joint_run
+    config = json.loads((out / CONFIG_FILE).read_text())
+    model = keras.models.load_model(out / MODEL_FILE, safe_mode=True, compile=False)
+    split = load_split(out / SPLIT_FILE)
+    fit_rows = pd.concat([split[split["split"] == s] for s in ("train", "val")]).reset_index(drop=True)
+    with np.load(config["features"]["cache"]) as cache:
+        cached, rows = cache["values"][:4], cache["rows"][:4]
+    images = np.stack([np.asarray(load_image(fit_rows["path"][i], IMAGE_SIZE)) for i in rows])
+    features = np.asarray(model.get_layer("backbone")(images))
+    np.testing.assert_allclose(features, cached, rtol=1e-3, atol=1e-7)
+    logits = model(images)
+    assert set(logits) == {"organ", "cancer"} and logits["organ"].shape == (4, 9)
+
+
+def test_balanced_weights_make_every_class_count_equally(cli_joint_run):
+    train_rows = pd.DataFrame({"organ_id": [0, 0, 0, 1], "cancer_id": [1, 1, 0, 0]})
+    weights = class_weights(train_rows, ("organ", "cancer"))
+    per_row = sample_weights(train_rows, weights)
+    organ = per_row["organ"]
+    assert organ[:3].sum() == pytest.approx(organ[3:].sum())  # class 0 (3 rows) weighs as much as class 1 (1 row)
+    assert per_row["cancer"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    unseen = sample_weights(pd.DataFrame({"organ_id": [7], "cancer_id": [0]}), weights)
+    assert unseen["organ"].tolist() == [1.0]
+    _, out = cli_joint_run
+    saved = json.loads((out / CONFIG_FILE).read_text())["class_weights"]
+    assert set(saved) == {"organ", "cancer"} and len(saved["organ"]) == 9
+
+
+# ----------------------------------------------------------------------------------------------- cache and resume
+
+
+def test_single_task_run_reuses_cached_features(cli_joint_run, demo_data, cache_dir, tmp_path, caplog, monkeypatch):
+    cache_files = {p: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(train_module, "extract_features", no_backbone_pass)
+    caplog.set_level(logging.INFO, logger="multitask")
+    config = TrainConfig(out=str(tmp_path / "organ"), data=str(demo_data), split="random", task="organ",
+                         weights="none", image_size=IMAGE_SIZE, epochs=2, cache_dir=str(cache_dir), verbose=0)
+    info = train(config)
+    assert "reusing cached features" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == cache_files
+    assert info.tasks == ("organ",) and info.config["features"]["reused"]
+    logits = info.load_model()(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), "float32"))
+    assert list(logits) == ["organ"] and logits["organ"].shape == (2, 9)
+
+
+def test_interrupted_run_on_two_mirrored_cpus_resumes_at_the_next_epoch(demo_split_csv, cache_dir, tmp_path, caplog):
+    class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise Interrupted("killed")
+
+    class RecordEpochs(keras.callbacks.Callback):
+        begun: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.begun.append(epoch)
+
+    caplog.set_level(logging.INFO, logger="multitask")
+    before = set(cache_dir.iterdir())
+    # another image size: the cached 75 px features must not be used
+    config = small_config(tmp_path, demo_split_csv, task="cancer", image_size=80, epochs=3, cache_dir=str(cache_dir),
+                          strategy="mirrored")
+    with pytest.raises(Interrupted):
+        train(config, callbacks=[InterruptAfterFirstEpoch()])
+    assert "computing backbone features" in caplog.text and len(set(cache_dir.iterdir()) - before) == 1
+    assert pd.read_csv(tmp_path / "run" / HISTORY_FILE)["epoch"].tolist() == [0]
+    with pytest.raises(RunError, match="not a finished run"):
+        open_run(tmp_path / "run")
+
+    recorder = RecordEpochs()
+    info = train(config, callbacks=[recorder])
+    assert recorder.begun == [1, 2]
+    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [0, 1, 2]
+    assert info.config["epochs"]["heads"] == 3 and info.config["features"]["reused"]
+    # --split-file: the run uses (and keeps) exactly that split
+    saved, given = load_split(info.split_path), load_split(demo_split_csv)
+    pd.testing.assert_frame_equal(saved[["path", "split"]], given[["path", "split"]])
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture()
+def small_split_with_bad_files(demo_split_csv, tmp_path):
+    """Two training and one validation image per subclass, plus undecodable files in the training split."""
+    split = pd.read_csv(demo_split_csv)
+    small = pd.concat([split[split["split"] == "train"].groupby("subclass").head(2),
+                       split[split["split"] == "val"].groupby("subclass").head(1)])
+    bad = plant_bad_files(tmp_path / "bad", taxonomy=load_taxonomy(), size=96)
+    extra = pd.DataFrame({"path": [str(bad["empty"]), str(bad["text"])], "subclass": small["subclass"].iloc[0],
+                          "split": "train"})
+    path = tmp_path / "small.csv"
+    pd.concat([small, extra])[["path", "subclass", "split"]].to_csv(path, index=False)
+    return path, [str(bad["empty"]), str(bad["text"])]
+
+
+def test_fine_tuning_trains_the_top_block_only_and_skips_bad_files(small_split_with_bad_files, tmp_path):
+    from multitask.model import build_backbone
+
+    split_file, bad_paths = small_split_with_bad_files
+    config = small_config(tmp_path, split_file, fine_tune_epochs=1, unfreeze_from="mixed9", batch_size=16)
+    info = train(config)
+    assert info.config["epochs"] == {"heads": 1, "fine_tune": 1}
+    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [0, 1]
+    assert sorted(info.config["features"]["skipped"]) == sorted(bad_paths)
+
+    keras.utils.set_random_seed(config.seed)  # the same initialisation the run started from
+    initial = build_backbone(IMAGE_SIZE, weights=None)
+    tuned = info.load_model().get_layer("backbone")
+    start = [layer.name for layer in initial.layers].index("mixed9")
+    changed = []
+    for i, (before, after) in enumerate(zip(initial.layers, tuned.layers, strict=True)):
+        for old, new in zip(before.weights, after.weights, strict=True):
+            same = np.array_equal(np.asarray(old), np.asarray(new))
+            if i < start or isinstance(before, keras.layers.BatchNormalization):
+                assert same, f"{before.name} should be frozen"
+            elif not same:
+                changed.append(before.name)
+    assert changed, "no layer above mixed9 was fine-tuned"
+
+
+def test_augmenter_changes_images_within_range():
+    from multitask.augment import make_augmenter
+
+    images = np.random.default_rng(0).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    augmented = np.asarray(make_augmenter(seed=1)(images))
+    assert augmented.shape == images.shape and augmented.dtype == np.float32
+    assert augmented.min() >= 0 and augmented.max() <= 255
+    assert not np.allclose(augmented, images)
+
+
+# ----------------------------------------------------------------------------------------------- the feature cache
+
+
+def tiny_backbone(seed: int = 0):
+    """Stands in for InceptionV3: pooled colours through a dense layer, so weights and size matter."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((None, None, 3))
+    return keras.Model(image, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(image)))
+
+
+def test_extract_features_skips_undecodable_files_and_keeps_order(demo_data, tmp_path, caplog):
+    good = sorted(str(p) for p in demo_data.rglob("*.jpg"))[:3]
+    bad = plant_bad_files(tmp_path, taxonomy=load_taxonomy(), size=96)
+    paths = [good[0], str(bad["text"]), good[1], str(bad["empty"]), good[2]]
+    backbone = tiny_backbone()
+    values, rows = extract_features(backbone, paths, image_size=IMAGE_SIZE, batch_size=2, verbose=0)
+    assert rows.tolist() == [0, 2, 4]
+    expected = backbone.predict(np.stack([np.asarray(load_image(p, IMAGE_SIZE)) for p in good]), verbose=0)
+    np.testing.assert_allclose(values, expected, rtol=1e-5)
+    assert str(bad["text"]) in caplog.text and str(bad["empty"]) in caplog.text
+
+
+def test_feature_cache_is_keyed_by_weights_size_and_files(demo_data, tmp_path):
+    paths = sorted(str(p) for p in demo_data.rglob("*.jpg"))[:4]
+    backbone = tiny_backbone(seed=0)
+
+    def features(model=backbone, size=IMAGE_SIZE):
+        return cached_features(model, paths, image_size=size, batch_size=4, cache_dir=tmp_path, verbose=0)
+
+    first = features()
+    assert not first.reused and first.path.is_file()
+    mtime = first.path.stat().st_mtime_ns
+    again = features()
+    assert again.reused and again.path == first.path and first.path.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(again.values, first.values)
+    assert not features(size=80).reused
+    assert not features(model=tiny_backbone(seed=1)).reused
+    os.utime(paths[0], ns=(mtime, os.stat(paths[0]).st_mtime_ns + 10**9))  # an edited file
+    assert not features().reused
+    assert len(list(tmp_path.glob("features-*.npz"))) == 4
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_weights_file_fails_before_any_work(demo_split_csv, tmp_path):
+    config = small_config(tmp_path, demo_split_csv, weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(ModelError, match="missing.h5 does not exist.*--weights none"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_prints_library_errors_and_exits_2(demo_split_csv, tmp_path, capsys):
+    rc = cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(tmp_path / "run"),
+                   "--weights", str(tmp_path / "missing.h5")])
+    assert rc == 2
+    assert "multitask train: error: weights file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("organ=-1", "loss weight of organ must be a finite number >= 0"),
+    ("liver=1", "unknown task 'liver'"),
+    ("organ=x", "loss weight of organ must be a number"),
+])
+def test_cli_rejects_bad_loss_weights(value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--loss-weights", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"task": "liver"}, "task must be one of joint, organ, cancer"),
+    ({"loss_weights": {"organ": "heavy"}}, "loss weight of organ must be a number"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"image_size": 64}, "below InceptionV3's minimum"),
+    ({"split_file": None}, "give the dataset folder"),
+    ({"strategy": "tpu"}, "strategy must be one of"),
+])
+def test_bad_settings_are_config_errors(changes, message, demo_split_csv, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(small_config(tmp_path, demo_split_csv), **changes).validate()
+
+
+def test_finished_run_is_not_overwritten_by_accident(cli_joint_run, demo_split_csv):
+    _, out = cli_joint_run
+    config = TrainConfig(out=str(out), split_file=str(demo_split_csv), weights="none", image_size=IMAGE_SIZE,
+                         verbose=0)
+    with pytest.raises(ConfigError, match="already holds a finished run.*--overwrite"):
+        train(config)
+    assert open_run(out).config["status"] == "complete"
+
+
+def test_unfinished_run_with_other_settings_is_not_resumed(demo_split_csv, tmp_path):
+    config = small_config(tmp_path, demo_split_csv, epochs=2)
+    state = tmp_path / "run" / STATE_DIR
+    state.mkdir(parents=True)
+    (state / "settings.json").write_text(json.dumps({**config.to_dict(), "epochs": 5}))
+    with pytest.raises(ConfigError, match=r"unfinished run with other settings \(epochs: 5 -> 2\)"):
+        train(config)
