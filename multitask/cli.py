@@ -263,7 +263,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from multitask.evaluate import METRICS_FILE, REPORT_FILE, evaluate_run, summary_table
 
     metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, explain=args.explain)
     source = metrics["source"]
     print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
     _print_table("metrics", summary_table(metrics))
@@ -286,6 +286,8 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="which split of the run's split.csv to evaluate (default %(default)s)")
     p.add_argument("--out", help="folder for metrics.json, report.md and figures (default: the run directory)")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="add a figure of N evaluated images with each head's Grad-CAM heatmap to the report")
 
 
 SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob", "error")
@@ -308,8 +310,13 @@ def run_predict(args: argparse.Namespace) -> int:
         hits = [c for c in frame.columns if c.endswith("_hit")]
         print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
     else:
-        frame = Predictor.from_run(args.run_dir).predict(args.paths, batch_size=args.batch_size)
-        shown = frame.drop(columns=[c for c in frame.columns if c.startswith("p_")]).round(3).fillna("")
+        predictor = Predictor.from_run(args.run_dir)
+        frame = predictor.predict(args.paths, batch_size=args.batch_size)
+        if args.explain:
+            frame = predictor.write_explanations(frame, args.explain)
+            print(f"wrote Grad-CAM overlays to {args.explain}")
+        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_"))]
+        shown = frame.drop(columns=hidden).round(3).fillna("")
         if not args.out:
             print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
             if len(frame) > PREDICT_ROWS_SHOWN:
@@ -338,6 +345,8 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="split that --sample draws from (default %(default)s; train is refused)")
     p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write a Grad-CAM overlay PNG per image and head into DIR (adds explain_* columns)")
 
 
 # ----------------------------------------------------------------------------------------------- main

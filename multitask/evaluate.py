@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "eval_predictions.csv"
+EXPLAIN_FILE = "explain.png"
 POSITIVE_LABEL = "Malignant"
 FIGURE_DPI = 100
 
@@ -209,14 +210,18 @@ def roc_figure(y_true, scores, path: str | os.PathLike, *, title: str, auc: floa
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = None, split: str = "test",
-                 out: str | os.PathLike | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, figures."""
+                 out: str | os.PathLike | None = None, batch_size: int = 32, explain: int = 0) -> dict[str, Any]:
+    """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, figures.
+
+    ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap.
+    """
     from multitask.predict import Predictor
 
     run = open_run(run_dir)
     out = Path(out) if out is not None else run.path
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
-    predicted = Predictor.from_run(run).predict_files(manifest["path"].tolist(), batch_size=batch_size)
+    predictor = Predictor.from_run(run)
+    predicted = predictor.predict_files(manifest["path"].tolist(), batch_size=batch_size)
     failed = predicted["error"].notna().to_numpy()
     unreadable.update(zip(predicted.loc[failed, "path"], predicted.loc[failed, "error"], strict=True))
     manifest, predicted = manifest[~failed].reset_index(drop=True), predicted[~failed].reset_index(drop=True)
@@ -237,6 +242,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         result["figures"] = _task_figures(task, result, y_true, probs, out)
         metrics[task] = result
 
+    if explain > 0:
+        metrics["explain"] = explain_figure(predictor, manifest, predicted, n=explain, path=out / EXPLAIN_FILE)
+
     table = pd.concat([manifest[["path", "subclass"]], manifest[list(run.tasks)].add_prefix("true_"),
                        predicted.drop(columns="path")], axis=1)
     write_csv_atomic(table, out / PREDICTIONS_FILE)
@@ -245,6 +253,23 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         tmp.write_text(render_report(metrics), encoding="utf-8")
     log.info("wrote %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, out)
     return metrics
+
+
+def explain_figure(predictor, manifest: pd.DataFrame, predicted: pd.DataFrame, *, n: int,
+                   path: Path) -> dict[str, Any]:
+    """Grad-CAM grid of ``n`` evaluated images (evenly spread over the set), titled true -> predicted per head."""
+    from multitask.explain import save_grid
+
+    rows = np.unique(np.linspace(0, len(manifest) - 1, num=min(n, len(manifest))).round().astype(int))
+    images, cams = [], {task: [] for task in predictor.tasks}
+    for _, batch, heatmaps, _ in predictor.heatmaps(manifest["path"].iloc[rows].tolist(), batch_size=16):
+        images.append(batch)
+        for task in predictor.tasks:
+            cams[task].append(heatmaps[task])
+    titles = [{"input": Path(manifest.at[r, "path"]).name[:28],
+               **{t: f"{t}: {manifest.at[r, t]} -> {predicted.at[r, t]}" for t in predictor.tasks}} for r in rows]
+    save_grid(np.concatenate(images), {t: np.concatenate(v) for t, v in cams.items()}, titles, path)
+    return {"n": len(rows), "figure": path.name, "layer": "mixed10"}
 
 
 def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, str]]:
@@ -315,6 +340,11 @@ def render_report(metrics: dict[str, Any]) -> str:
               for folder, count in skipped.items()] + ([""] if skipped else [])
     for task in metrics["tasks"]:
         lines += _task_section(task, metrics[task])
+    if "explain" in metrics:
+        lines += ["", "## Where the heads look", "",
+                  f"Grad-CAM on InceptionV3's `{metrics['explain']['layer']}` block for the predicted class of each "
+                  f"head, {metrics['explain']['n']} images (titles: true -> predicted).", "",
+                  f"![Grad-CAM per head]({metrics['explain']['figure']})"]
     return "\n".join(lines) + "\n"
 
 

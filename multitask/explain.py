@@ -97,3 +97,34 @@ def save_overlay(
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def save_grid(
+    images: np.ndarray, heatmaps: dict[str, np.ndarray], titles: list[dict[str, str]], path: str | os.PathLike
+) -> Path:
+    """PNG with one row per image: the input, then each head's overlay; ``titles[i][task]`` labels the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from multitask.run import atomic_path
+
+    tasks = list(heatmaps)
+    n = len(images)
+    fig, axes = plt.subplots(n, 1 + len(tasks), figsize=(2.2 * (1 + len(tasks)), 2.3 * n), squeeze=False)
+    for i, (row, image) in enumerate(zip(axes, images, strict=True)):
+        pixels = np.clip(image, 0, 255).astype(np.uint8)
+        row[0].imshow(pixels)
+        row[0].set_title(titles[i].get("input", "input"), fontsize=7)
+        for ax, task in zip(row[1:], tasks, strict=True):
+            ax.imshow(pixels)
+            ax.imshow(upsample(heatmaps[task][i], pixels.shape[0]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(titles[i].get(task, task), fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=70, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -99,6 +99,7 @@ class Predictor:
         # One trace for every batch size (the last batch is smaller): the batch dimension is left open.
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
         self._probabilities = tf.function(self._softmax, input_signature=[spec])
+        self._gradcam = None  # built on first use: most predictions need no gradients
 
     @classmethod
     def from_run(cls, run: str | os.PathLike | RunInfo) -> Predictor:
@@ -166,6 +167,49 @@ class Predictor:
             log.warning("cannot predict %s: %s", path, why)
         errors = [None if ok else problems[path] for path, ok in zip(files, done, strict=True)]
         return self._table(files, probs, done, errors)
+
+    def heatmaps(self, files: Sequence[str], *, batch_size: int = 16):
+        """Grad-CAM batches ``(indices, images, {task: (n, h, w) heatmaps}, {task: predicted ids})`` of ``files``.
+
+        Unreadable files are skipped (their index is absent); see :mod:`multitask.explain` for the method.
+        """
+        from multitask.explain import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model)
+        for index, images in self._batches([str(f) for f in files], batch_size):
+            cams, predicted = self._gradcam(images)
+            yield index.numpy(), images.numpy(), cams, predicted
+
+    def explain(self, path: str | os.PathLike, head: str = "organ") -> np.ndarray:
+        """Grad-CAM heatmap of ``head``'s predicted class for one image file: a 2-D array in [0, 1] at the
+        resolution of the last InceptionV3 block's feature map (6x6 for 256 px inputs)."""
+        if head not in self.tasks:
+            raise DataError(f"this run has no {head!r} head; its heads are {', '.join(self.tasks)}")
+        for _, _, cams, _ in self.heatmaps([path], batch_size=1):
+            return cams[head][0]
+        raise DataError(f"cannot explain {path}: {image_problem(str(path)) or TF_ONLY_PROBLEM}")
+
+    def write_explanations(self, frame: pd.DataFrame, out_dir: str | os.PathLike, *,
+                           batch_size: int = 16) -> pd.DataFrame:
+        """Write one overlay PNG per head for every predicted row of ``frame``; add ``explain_<task>`` columns."""
+        from multitask.explain import save_overlay
+
+        out_dir = Path(out_dir)
+        frame = frame.copy()
+        readable = frame.index[frame["error"].isna()]
+        for task in self.tasks:
+            frame[f"explain_{task}"] = None
+        files = frame.loc[readable, "path"].tolist()
+        for index, images, cams, _ in self.heatmaps(files, batch_size=batch_size):
+            for i, image in zip(index, images, strict=True):
+                row = readable[i]
+                stem = f"{row:05d}_{Path(files[i]).stem}"
+                for task in self.tasks:
+                    title = f"{task}: {frame.at[row, task]} ({frame.at[row, f'{task}_prob']:.2f})"
+                    path = save_overlay(image, {task: cams[task][i]}, {task: title}, out_dir / f"{stem}_{task}.png")
+                    frame.at[row, f"explain_{task}"] = str(path)
+        return frame
 
     def _batches(self, files: Sequence[str], batch_size: int):
         """(indices, images) batches; files that fail to read or decode are dropped, so their index is absent."""

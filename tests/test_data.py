@@ -151,7 +151,7 @@ def test_dataset_yields_float_rgb_batches_with_dict_labels(demo_data):
     ds = make_dataset(manifest, image_size=75, batch_size=4)
     images, labels = next(iter(ds))
     assert images.shape == (4, 75, 75, 3) and images.dtype.name == "float32"
-    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255.0
+    assert float(images.numpy().min()) >= 0.0 and float(images.numpy().max()) <= 255.0
     assert float(images.numpy().max()) > 1.0  # 0..255, not 0..1
     np.testing.assert_array_equal(labels["organ"].numpy(), manifest["organ_id"].to_numpy()[:4])
     assert sum(int(x.shape[0]) for x, _ in ds) == 10

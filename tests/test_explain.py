@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from multitask import model as mt_model
+from multitask.errors import DataError
 from multitask.explain import GradCam, save_overlay, upsample
 
 SIZE = 192  # InceptionV3's mixed10 is 4x4 here: 2x2 cells per image quadrant
@@ -77,3 +81,52 @@ def test_overlay_png_is_written(tmp_path, trained_joint):
     path = save_overlay(images[0], {t: c[0] for t, c in cams.items()}, {"organ": "organ"}, tmp_path / "x.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert upsample(cams["cancer"][0], SIZE).shape == (SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------------------------- integration
+
+
+def test_predictor_explain_returns_a_2d_unit_heatmap(joint_run, demo_split_csv):
+    from multitask.predict import Predictor
+
+    predictor = Predictor.from_run(joint_run)
+    path = pd.read_csv(demo_split_csv)["path"].iloc[0]
+    for head in ("organ", "cancer"):
+        cam = predictor.explain(path, head=head)
+        assert cam.ndim == 2 and cam.min() >= 0.0 and cam.max() <= 1.0
+    with pytest.raises(DataError, match="cannot explain"):
+        predictor.explain(demo_split_csv, head="organ")  # a CSV is not an image
+
+
+def test_predict_cli_writes_one_overlay_per_image_and_head(joint_run, demo_data, tmp_path):
+    from multitask import cli
+
+    folder = next((demo_data / "Multi Cancer" / "Multi Cancer" / "Oral Cancer").iterdir())
+    out = tmp_path / "pred.csv"
+    assert cli.main(["predict", str(joint_run), str(folder), "--explain", str(tmp_path / "cams"),
+                     "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == 12
+    for task in ("organ", "cancer"):
+        files = frame[f"explain_{task}"]
+        assert files.notna().all() and all(f.endswith(f"_{task}.png") for f in files)
+        assert all(Path(f).read_bytes()[:4] == b"\x89PNG" for f in files)
+
+
+def test_single_task_run_explains_its_head_only(cancer_run, demo_split_csv):
+    from multitask.predict import Predictor
+
+    predictor = Predictor.from_run(cancer_run)
+    path = pd.read_csv(demo_split_csv)["path"].iloc[0]
+    assert predictor.explain(path, head="cancer").ndim == 2
+    with pytest.raises(DataError, match="no 'organ' head"):
+        predictor.explain(path, head="organ")
+
+
+def test_evaluate_explain_adds_a_figure_to_the_report(joint_run, tmp_path):
+    from multitask.evaluate import evaluate_run
+
+    metrics = evaluate_run(joint_run, out=tmp_path, explain=3)
+    assert metrics["explain"]["n"] == 3
+    assert (tmp_path / "explain.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![Grad-CAM per head](explain.png)" in (tmp_path / "report.md").read_text()
