@@ -35,6 +35,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from multitask import data, model, synthetic  # noqa: E402
+from multitask.predict import images_per_second  # noqa: E402
 
 
 def timed(fn, *, repeats: int) -> float:
@@ -48,40 +49,23 @@ def timed(fn, *, repeats: int) -> float:
     return best
 
 
-def compiled_forward(net: keras.Model, batch: tf.Tensor):
-    """A traced-once inference function: no per-call graph building, no Python per image."""
-    fn = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec(batch.shape, tf.float32)])
-    return lambda: [t.numpy() for t in tf.nest.flatten(fn(batch))]
-
-
 def bench_dual_prediction(image_size: int, batch_size: int, batches: int, repeats: int) -> dict:
     """Images/s: one joint pass vs the two single-task models back to back."""
     batch = tf.random.uniform((batch_size, image_size, image_size, 3), 0, 255, seed=0)
     joint = model.build_joint_model(image_size, weights=None)
     organ = model.build_single_task_model("organ", image_size, weights=None)
     cancer = model.build_single_task_model("cancer", image_size, weights=None)
-    run_joint = compiled_forward(joint, batch)
-    run_organ, run_cancer = compiled_forward(organ, batch), compiled_forward(cancer, batch)
-
-    def joint_epoch():
-        for _ in range(batches):
-            run_joint()
-
-    def separate_epoch():
-        for _ in range(batches):
-            run_organ()
-            run_cancer()
-
-    n = batch_size * batches
-    joint_ips = n / timed(joint_epoch, repeats=repeats)
-    separate_ips = n / timed(separate_epoch, repeats=repeats)
-    # What the naive call paths cost, for the record: Keras predict() per batch and eager __call__.
+    speed = {name: images_per_second(net, batch_size=batch_size, batches=batches, repeats=repeats)
+             for name, net in (("joint", joint), ("organ", organ), ("cancer", cancer))}
+    separate_ips = 1.0 / (1.0 / speed["organ"] + 1.0 / speed["cancer"])  # both models, one after the other
+    # What the naive call paths cost, for the record: Keras predict() per batch and an eager __call__.
     predict_ips = batch_size / timed(lambda: joint.predict(batch, verbose=0), repeats=repeats)
     eager_ips = batch_size / timed(lambda: joint(batch, training=False), repeats=repeats)
     return {
-        "image_size": image_size, "batch_size": batch_size, "images": n,
-        "joint_images_per_s": joint_ips, "separate_images_per_s": separate_ips,
-        "ratio": joint_ips / separate_ips,
+        "image_size": image_size, "batch_size": batch_size, "images": batch_size * batches,
+        "joint_images_per_s": speed["joint"], "separate_images_per_s": separate_ips,
+        "organ_images_per_s": speed["organ"], "cancer_images_per_s": speed["cancer"],
+        "ratio": speed["joint"] / separate_ips,
         "joint_predict_call_images_per_s": predict_ips, "joint_eager_call_images_per_s": eager_ips,
         "params": {"joint": joint.count_params(), "organ": organ.count_params(), "cancer": cancer.count_params()},
         "flops_per_image": count_flops(joint),
