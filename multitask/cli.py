@@ -127,7 +127,8 @@ def run_audit_split(args: argparse.Namespace) -> int:
           f"min inliers {args.min_inliers}")
     audit = audit_split(frame, k=args.k, min_inliers=args.min_inliers, cache_dir=args.cache_dir,
                         workers=args.workers)
-    out = Path(args.out) if args.out else Path(args.split_csv).resolve().parent
+    csv = Path(args.split_csv).resolve()
+    out = Path(args.out) if args.out else csv.parent / f"{csv.stem}_audit"  # one folder per CSV: no overwriting
     written = write_audit(audit, out, examples=args.examples)
     print("\nnear-duplicate pairs across splits (" + ", ".join(f"{s} {n}" for s, n in audit.sizes.items()) + ")")
     for pair, count in audit.counts.items():
@@ -147,7 +148,8 @@ def add_audit_split(p: argparse.ArgumentParser) -> None:
     from multitask.grouping import GroupingParams
 
     p.add_argument("split_csv", help="CSV with path and split columns (subclass optional), from any tool")
-    p.add_argument("--out", help="folder for audit.json and audit_pairs.png (default: the CSV's folder)")
+    p.add_argument("--out", help="folder for audit.json and audit_pairs.png (default: SPLIT_CSV_STEM_audit/ next to "
+                                 "the CSV)")
     p.add_argument("--k", type=int, default=GroupingParams.k,
                    help="candidates checked per image in each earlier split (default %(default)s)")
     p.add_argument("--min-inliers", type=int, default=GroupingParams.min_inliers,

@@ -263,15 +263,16 @@ def _split_groups(subclass: np.ndarray, groups: np.ndarray, *, fractions: tuple[
     pool = np.flatnonzero(~np.isin(groups, groups[tiny]))  # a group touching a tiny subclass stays in train
     if len(pool) == 0:
         return split
+    rng = np.random.default_rng(seed)
     sub_codes, sub_names = pd.factorize(subclass[pool], sort=True)
     group_codes, _ = pd.factorize(groups[pool])
     sizes = np.bincount(sub_codes).astype(float)
-    target = np.asarray(fractions)[None, :] * sizes[:, None]
-    filled = np.zeros_like(target)
     closed = np.asarray(fractions) == 0
+    target = _integer_targets(sizes, np.asarray(fractions), rng)
+    filled = np.zeros_like(target)
     by_group = np.argsort(group_codes, kind="stable")
     bounds = np.searchsorted(group_codes[by_group], np.arange(group_codes.max() + 2))
-    for g in np.random.default_rng(seed).permutation(group_codes.max() + 1):
+    for g in rng.permutation(group_codes.max() + 1):
         rows = by_group[bounds[g]:bounds[g + 1]]
         subs, count = np.unique(sub_codes[rows], return_counts=True)
         deficit = (((target[subs] - filled[subs]) / sizes[subs, None]) * count[:, None]).sum(axis=0)
@@ -285,6 +286,25 @@ def _split_groups(subclass: np.ndarray, groups: np.ndarray, *, fractions: tuple[
             log.warning("subclass %s: its %d images form too few sibling groups to fill %s", name, int(sizes[s]),
                         " and ".join(empty))
     return split
+
+
+def _integer_targets(sizes: np.ndarray, fractions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Images per (subclass, split) that sum to each subclass size, rounded so the totals also meet the fractions.
+
+    Each subclass rounds its exact share up where the remainder plus the rounding debt carried over from the
+    subclasses before it (in a seeded order) is largest: e.g. 12 images at 70/15/15 are 8/2/2 or 9/2/1, not
+    always 8/2/2 (which would make train 67% overall).
+    """
+    exact = sizes[:, None] * fractions[None, :]
+    target = np.floor(exact + 1e-9)
+    debt = np.zeros(len(fractions))
+    for s in rng.permutation(len(sizes)):
+        missing = int(round(sizes[s] - target[s].sum()))
+        priority = np.where(fractions > 0, exact[s] - target[s] + debt, -np.inf)
+        chosen = np.argsort(-priority, kind="stable")[:missing]
+        target[s, chosen] += 1
+        debt += exact[s] - target[s]
+    return target
 
 
 def _check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:

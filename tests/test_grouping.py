@@ -119,6 +119,17 @@ def test_grouped_split_is_deterministic_and_saved(siblings, grouping, tmp_path):
     assert loaded["group"].tolist() == first["group"].tolist() and set(loaded["split_method"]) == {"grouped"}
 
 
+def test_grouped_split_of_singletons_meets_the_fractions_overall(demo_data):
+    """12 images per subclass cannot each be 70/15/15; the rounding must not pile up (8/2/2 everywhere = 67%)."""
+    manifest = scan(demo_data)
+    split = split_manifest(manifest, groups=np.arange(len(manifest)), seed=1)
+    shares = split["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.70) < 0.01 and abs(shares["val"] - 0.15) < 0.01
+    assert (pd.crosstab(split["subclass"], split["split"])[["val", "test"]] >= 1).all(axis=None)
+    no_val = split_manifest(manifest, groups=np.arange(len(manifest)), fractions=(0.8, 0.0, 0.2))
+    assert set(no_val["split"]) == {"train", "test"}
+
+
 def test_group_split_edge_cases(siblings, caplog):
     manifest, _ = siblings
     one_big_group = split_manifest(manifest, groups=np.zeros(len(manifest), int))
@@ -196,9 +207,9 @@ def test_audit_split_cli_on_a_bare_path_split_csv(siblings, tmp_path, capsys):
 
     clean = root / "grouped.csv"
     save_split(split_manifest(manifest, groups=find_sibling_groups(manifest, workers=2).groups), clean)
-    assert cli.main(["audit-split", str(clean)]) == 0  # default --out: next to the CSV
-    report = json.loads((root / "audit.json").read_text())
-    assert sum(report["cross_split_pairs"].values()) == 0 and (root / "audit_pairs.png").is_file()
+    assert cli.main(["audit-split", str(clean)]) == 0  # default --out: grouped_audit/ next to the CSV
+    report = json.loads((root / "grouped_audit" / "audit.json").read_text())
+    assert sum(report["cross_split_pairs"].values()) == 0 and (root / "grouped_audit" / "audit_pairs.png").is_file()
 
 
 def test_audit_split_cli_errors_are_one_line(tmp_path, capsys):
