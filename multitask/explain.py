@@ -29,9 +29,12 @@ class GradCam:
         import keras
         import tensorflow as tf
 
+        from multitask.model import FEATURE_SCALING
+
         backbone = model.get_layer("backbone")
         self.tasks = tuple(t for t in TASKS if t in model.output_names)
         self.feature_maps = keras.Model(backbone.input, backbone.get_layer(layer).output)
+        self.scaling = backbone.get_layer(FEATURE_SCALING)
         self.heads = {t: (model.get_layer(f"{t}_hidden"), model.get_layer(t)) for t in self.tasks}
         self._maps = tf.function(self._compute, reduce_retracing=True)
 
@@ -41,7 +44,7 @@ class GradCam:
         with tf.GradientTape(persistent=True) as tape:
             maps = self.feature_maps(images, training=False)
             tape.watch(maps)
-            pooled = tf.reduce_mean(maps, axis=(1, 2))  # the backbone's GlobalAveragePooling2D
+            pooled = self.scaling(tf.reduce_mean(maps, axis=(1, 2)))  # the backbone's pooling and scaling
             logits = {t: out(hidden(pooled)) for t, (hidden, out) in self.heads.items()}
             scores = {t: tf.reduce_max(v, axis=-1) for t, v in logits.items()}  # predicted class's logit
         cams, predicted = {}, {}
@@ -75,15 +78,13 @@ def save_overlay(
     image: np.ndarray, heatmaps: dict[str, np.ndarray], titles: dict[str, str], path: str | os.PathLike
 ) -> Path:
     """PNG of the input beside one overlay per head; ``titles`` label each head (e.g. "organ: Lung 0.93")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
 
     from multitask.run import atomic_path
 
     pixels = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
-    fig, axes = plt.subplots(1, 1 + len(heatmaps), figsize=(2.6 * (1 + len(heatmaps)), 2.8))
+    fig = Figure(figsize=(2.6 * (1 + len(heatmaps)), 2.8))
+    axes = fig.subplots(1, 1 + len(heatmaps))
     axes[0].imshow(pixels)
     axes[0].set_title("input", fontsize=9)
     for ax, (task, cam) in zip(axes[1:], heatmaps.items(), strict=True):
@@ -95,7 +96,6 @@ def save_overlay(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
     return Path(path)
 
 
@@ -103,16 +103,14 @@ def save_grid(
     images: np.ndarray, heatmaps: dict[str, np.ndarray], titles: list[dict[str, str]], path: str | os.PathLike
 ) -> Path:
     """PNG with one row per image: the input, then each head's overlay; ``titles[i][task]`` labels the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
 
     from multitask.run import atomic_path
 
     tasks = list(heatmaps)
     n = len(images)
-    fig, axes = plt.subplots(n, 1 + len(tasks), figsize=(2.2 * (1 + len(tasks)), 2.3 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * (1 + len(tasks)), 2.3 * n))
+    axes = fig.subplots(n, 1 + len(tasks), squeeze=False)
     for i, (row, image) in enumerate(zip(axes, images, strict=True)):
         pixels = np.clip(image, 0, 255).astype(np.uint8)
         row[0].imshow(pixels)
@@ -126,5 +124,4 @@ def save_grid(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=70, format="png")
-    plt.close(fig)
     return Path(path)

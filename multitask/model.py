@@ -2,7 +2,8 @@
 
 The backbone ends at pooled features (keras-hub style): raw RGB pixels in 0..255 -> InceptionV3's own scaling
 to [-1, 1], applied **once** by a built-in ``Rescaling`` layer (the research seed scaled twice) -> InceptionV3
-without its top -> global average pooling. The heads keep the seed's top, one per task:
+without its top -> global average pooling -> per-feature standardisation fitted on the training images (a
+built-in ``Normalization`` layer). The heads keep the seed's top, one per task:
 Dense(256, relu) -> Dropout(0.2) -> Dense(n) logits. The pooled features are computed once and shared by
 both heads, so a joint forward pass costs one backbone plus two small heads.
 
@@ -16,10 +17,12 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from multitask.errors import ModelError
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, TASKS
 
+FEATURE_SCALING = "feature_scaling"
 MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
 FEATURE_DIM = 2048
 NUM_CLASSES = {"organ": len(ORGAN_LABELS), "cancer": len(CANCER_LABELS)}
@@ -62,8 +65,22 @@ def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "i
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 once on a machine with internet and "
             "pass --weights PATH"
         ) from exc
-    features = keras.layers.GlobalAveragePooling2D(name="features")(inception.output)
+    pooled = keras.layers.GlobalAveragePooling2D(name="features")(inception.output)
+    # Per-feature standardisation, fitted on the training images' features by fit_feature_scaling (the identity
+    # until then). Pooled features of a randomly initialised InceptionV3 are ~1e-4 in size, too small for the
+    # heads to learn from; ImageNet features span very different scales. One shared layer fixes both.
+    features = keras.layers.Normalization(axis=-1, name=FEATURE_SCALING)(pooled)
     return keras.Model(image, features, name="backbone")
+
+
+def fit_feature_scaling(backbone: keras.Model, raw_features: np.ndarray, *, fit_rows=None) -> np.ndarray:
+    """Fit the backbone's feature standardisation on ``raw_features[fit_rows]`` (default: all rows; the features
+    must come from the unfitted backbone) and return every row of ``raw_features`` standardised."""
+    scaling = backbone.get_layer(FEATURE_SCALING)
+    if not (np.all(np.asarray(scaling.mean) == 0) and np.all(np.asarray(scaling.variance) == 1)):
+        raise ModelError("the backbone's feature scaling is already fitted; fit it once, on raw features")
+    scaling.adapt(raw_features if fit_rows is None else raw_features[fit_rows])
+    return np.asarray(scaling(raw_features), np.float32)
 
 
 def build_heads(tasks: tuple[str, ...] = TASKS) -> keras.Model:

@@ -372,16 +372,14 @@ def _split_for_run(config: TrainConfig, taxonomy: Taxonomy, out: Path, resuming:
 def plot_history(history: pd.DataFrame, path: str | os.PathLike, *, tasks: Sequence[str],
                  fine_tune_from: int | None = None) -> Path:
     """Save loss and accuracy per head (train and validation) per epoch as a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
     from matplotlib.ticker import MaxNLocator
 
     rows = [("loss", "cross-entropy"), ("accuracy", "accuracy")]
     if f"{tasks[0]}_weight" in history.columns:
         rows.append(("weight", "learned weight exp(-s)"))
-    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(4.5 * len(tasks), 3.2 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(tasks), 3.2 * len(rows)))
+    axes = fig.subplots(len(rows), len(tasks), squeeze=False)
     epochs = history["epoch"] + 1
     for col, task in enumerate(tasks):
         for row, (metric, label) in enumerate(rows):
@@ -399,7 +397,6 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike, *, tasks: Seque
     fig.tight_layout()
     with rundir.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return Path(path)
 
 
@@ -563,7 +560,7 @@ def train(config: TrainConfig, *, callbacks: Sequence = ()) -> rundir.RunInfo:
     """Train as ``config`` says and write the run directory; returns the finished run (see multitask.run)."""
     import keras
 
-    from multitask.model import build_backbone, build_heads
+    from multitask.model import build_backbone, build_heads, fit_feature_scaling
     from multitask.weighting import make_weighting
 
     config.validate()
@@ -584,6 +581,8 @@ def train(config: TrainConfig, *, callbacks: Sequence = ()) -> rundir.RunInfo:
     features = cached_features(backbone, fit_rows["path"].tolist(), image_size=config.image_size,
                                batch_size=config.batch_size, cache_dir=config.cache_dir or out / CACHE_DIR,
                                verbose=config.verbose)
+    # Standardise features with training-set statistics; the fitted layer is part of the saved backbone.
+    features.values = fit_feature_scaling(backbone, features.values, fit_rows=features.rows < n_train)
     class_weight = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
     heads_done = train_heads(heads, weighting, features, fit_rows, n_train, out=out, config=config,
                              strategy=strategy, class_weight=class_weight, callbacks=callbacks)
