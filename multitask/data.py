@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.errors import DataError
+from multitask.files import atomic_path
 from multitask.taxonomy import TASKS, Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
@@ -316,18 +316,10 @@ def _check_fractions(fractions: tuple[float, float, float]) -> tuple[float, floa
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``frame`` to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            frame.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``frame`` to ``path`` as CSV via a temporary file and rename, so readers never see half a file."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
 
 
 def save_split(manifest: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -409,23 +401,22 @@ def make_dataset(
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    parts: tuple = (manifest["path"].to_numpy(str),)
-    if with_labels:
-        parts += (task_labels(manifest, task),)
-        if sample_weight is not None:
-            parts += (sample_weight,)
-    ds = tf.data.Dataset.from_tensor_slices(parts)
+    paths = manifest["path"].to_numpy(str)
+    if not with_labels:
+        ds = tf.data.Dataset.from_tensor_slices(paths)
+    elif sample_weight is None:
+        ds = tf.data.Dataset.from_tensor_slices((paths, task_labels(manifest, task)))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((paths, task_labels(manifest, task), sample_weight))
     if training:  # shuffle paths, not decoded images: a full-size buffer costs nothing
         ds = ds.shuffle(len(manifest), seed=seed, reshuffle_each_iteration=True)
-
-    def decode(path, *rest):
-        image = load_image(path, image_size)
-        return (image, *rest) if rest else image
-
-    ds = ds.map(decode, num_parallel_calls=autotune)
+    # Element structure is path or (path, labels[, weights]); only the first part changes, below.
+    ds = ds.map(lambda path, *rest: (load_image(path, image_size), *rest), num_parallel_calls=autotune)
+    if not with_labels:
+        ds = ds.map(lambda image: image)  # unwrap the 1-tuple
     ds = ds.ignore_errors(log_warning=True).batch(batch_size)
     if augment is not None and training:
-        ds = ds.map(lambda x, *rest: (augment(x), *rest) if rest else augment(x), num_parallel_calls=autotune)
+        ds = ds.map(lambda x, *rest: (augment(x), *rest), num_parallel_calls=autotune)
     return ds.prefetch(autotune)
 
 

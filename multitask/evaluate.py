@@ -34,7 +34,8 @@ import pandas as pd
 
 from multitask.data import load_split, scan_tree, write_csv_atomic
 from multitask.errors import DataError
-from multitask.run import RunInfo, atomic_path, open_run, write_json
+from multitask.files import atomic_path, write_json
+from multitask.run import RunInfo, open_run
 
 log = logging.getLogger(__name__)
 

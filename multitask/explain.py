@@ -80,7 +80,7 @@ def save_overlay(
     """PNG of the input beside one overlay per head; ``titles`` label each head (e.g. "organ: Lung 0.93")."""
     from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
 
-    from multitask.run import atomic_path
+    from multitask.files import atomic_path
 
     pixels = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
     fig = Figure(figsize=(2.6 * (1 + len(heatmaps)), 2.8))
@@ -105,7 +105,7 @@ def save_grid(
     """PNG with one row per image: the input, then each head's overlay; ``titles[i][task]`` labels the cells."""
     from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
 
-    from multitask.run import atomic_path
+    from multitask.files import atomic_path
 
     tasks = list(heatmaps)
     n = len(images)

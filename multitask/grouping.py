@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.errors import DataError
+from multitask.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +157,9 @@ def _read_cached(file: Path) -> Keypoints | None:
 
 
 def _write_cached(file: Path, keypoints: Keypoints) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, p0=keypoints.points[0], p1=keypoints.points[1], d0=keypoints.descriptors[0],
-                     d1=keypoints.descriptors[1])
-        os.replace(tmp, file)  # atomic: a reader sees the old entry, the new one, or none
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(file) as tmp, open(tmp, "wb") as fh:  # a reader sees the old entry, the new one, or none
+        np.savez(fh, p0=keypoints.points[0], p1=keypoints.points[1], d0=keypoints.descriptors[0],
+                 d1=keypoints.descriptors[1])
 
 
 def load_keypoints(

@@ -32,7 +32,8 @@ import pandas as pd
 
 from multitask.data import IMAGE_EXTENSIONS, image_problem, is_image_file, load_image, load_split
 from multitask.errors import DataError, RunError
-from multitask.run import RunInfo, atomic_path, open_run, write_json
+from multitask.files import atomic_path, write_json
+from multitask.run import RunInfo, open_run
 
 log = logging.getLogger(__name__)
 

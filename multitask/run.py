@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from multitask.errors import RunError
+from multitask.files import atomic_path, write_json  # noqa: F401  (re-exported: readers and writers of runs)
 from multitask.taxonomy import TASKS, Taxonomy
 
 MODEL_FILE = "model.keras"
@@ -32,36 +32,6 @@ SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.csv"
 HISTORY_PLOT = "history.png"
 CONFIG_FORMAT = 1
-
-
-def atomic_path(path: str | os.PathLike):
-    """Context manager yielding a temporary sibling of ``path`` that replaces ``path`` on success only."""
-    return _AtomicPath(Path(path))
-
-
-class _AtomicPath:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    return Path(path)
 
 
 def save_model(model, path: str | os.PathLike) -> Path:

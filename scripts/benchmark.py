@@ -133,7 +133,9 @@ def cpu_peak() -> dict:
     name = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     # FP32 FLOPs per cycle per core: 2 FMA pipes x SIMD lanes x 2 (multiply + add). AMD Zen 4 runs AVX-512 on
-    # 256-bit pipes, so its width is 8 lanes like AVX2; Intel server cores with avx512f have 16.
+    # 256-bit pipes, so its width is 8 lanes like AVX2; Intel server cores with avx512f have 16. /proc/cpuinfo
+    # shows the nominal clock; cores that boost above it can exceed this figure, so the measured matmul is the
+    # practical peak.
     lanes = 16 if "avx512f" in flags and "AMD" not in name else 8
     per_cycle = 2 * lanes * 2
     theoretical = cores * mhz * 1e6 * per_cycle
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     args = parser.parse_args()
-    size, batches = (96, 2) if args.quick else (256, 6)
+    size, batches = (96, 2) if args.quick else (256, 4)
     results = {"machine": {"platform": platform.platform(), "tensorflow": tf.__version__,
                            "keras": keras.__version__}}
     results["peak"] = cpu_peak()
@@ -186,10 +188,12 @@ def format_table(r: dict) -> str:
         ("Input pipeline, 512 px JPEG -> decode + resize", f"{p['pipeline_images_per_s']:.0f} images/s",
          f"{p['ratio_to_joint_model']:.1f}x the joint model (target >= 3x)"),
         ("FLOPs per image (joint, counted)", f"{d['flops_per_image'] / 1e9:.2f} GFLOP", ""),
-        ("Achieved / theoretical FP32 peak", f"{e['achieved_flops_per_s'] / 1e9:.1f} / "
-         f"{peak['theoretical_flops_per_s'] / 1e9:.0f} GFLOP/s", f"{e['fraction_of_theoretical_peak']:.0%}"),
-        ("Achieved / measured matmul peak", f"{peak['measured_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s",
-         f"{e['fraction_of_measured_matmul_peak']:.0%}"),
+        ("Achieved by the joint model", f"{e['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s", "FLOPs/image x images/s"),
+        ("Peak: 2048x2048 float32 matmul, measured", f"{peak['measured_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s",
+         f"model reaches {e['fraction_of_measured_matmul_peak']:.0%} of it"),
+        (f"Peak: {peak['cores']} cores x {peak['mhz'] / 1e3:.2f} GHz nominal x "
+         f"{peak['fp32_flops_per_cycle_per_core']} FLOP/cycle", f"{peak['theoretical_flops_per_s'] / 1e9:.0f} GFLOP/s",
+         f"model reaches {e['fraction_of_theoretical_peak']:.0%} (boost clocks exceed nominal)"),
         ("Joint model via Keras predict() / eager call", f"{d['joint_predict_call_images_per_s']:.1f} / "
          f"{d['joint_eager_call_images_per_s']:.1f} images/s", "per single batch, for comparison"),
     ]
