@@ -588,11 +588,23 @@ def train(config: TrainConfig, *, callbacks: Sequence = ()) -> rundir.RunInfo:
                              strategy=strategy, class_weight=class_weight, callbacks=callbacks)
     tuned = None
     if config.fine_tune_epochs:
+        phase_one = [variable.numpy() for variable in backbone.weights + heads.weights]
         tuned = fine_tune(backbone, heads, weighting, split, initial_epoch=heads_done["epochs"], out=out,
                           config=config, strategy=strategy, class_weight=class_weight, callbacks=callbacks)
+        tuned["kept"] = _better(tuned["best"], heads_done["best"])
+        if not tuned["kept"]:  # the saved model is the best one seen, whichever phase produced it
+            log.warning("fine-tuning did not beat the frozen-backbone model (best monitored loss %s vs %s); the "
+                        "run keeps the phase-1 model", tuned["best"], heads_done["best"])
+            for variable, value in zip(backbone.weights + heads.weights, phase_one, strict=True):
+                variable.assign(value)
     return _finish_run(out, config, taxonomy=taxonomy, split=split, backbone=backbone, heads=heads,
                        weighting=weighting, features=features, heads_done=heads_done, tuned=tuned,
                        class_weight=class_weight)
+
+
+def _better(candidate: float | None, incumbent: float | None) -> bool:
+    """Whether a phase's best monitored loss beats the previous one (unknown values never win or lose)."""
+    return candidate is None or incumbent is None or candidate <= incumbent
 
 
 def _finish_run(out: Path, config: TrainConfig, *, taxonomy: Taxonomy, split: pd.DataFrame, backbone, heads,
