@@ -117,3 +117,16 @@ def test_missing_weights_file_is_a_model_error(tmp_path):
 def test_too_small_image_is_a_model_error():
     with pytest.raises(ModelError, match="at least 75 px"):
         build_backbone(64, weights=None)
+
+
+def test_feature_scaling_standardises_with_training_statistics_once():
+    from multitask.errors import ModelError
+    from multitask.model import build_backbone, fit_feature_scaling
+
+    backbone = build_backbone(75, weights=None)
+    raw = np.random.default_rng(0).normal(3e-4, 1e-4, (40, 2048)).astype(np.float32)  # random-init scale
+    scaled = fit_feature_scaling(backbone, raw, fit_rows=np.arange(40) < 30)
+    np.testing.assert_allclose(scaled[:30].mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(scaled[:30].std(axis=0), 1, atol=1e-2)
+    with pytest.raises(ModelError, match="already fitted"):
+        fit_feature_scaling(backbone, raw)
