@@ -104,12 +104,12 @@ def add_taxonomy_options(p: argparse.ArgumentParser) -> None:
                    help="skip image folders that are not in the taxonomy instead of stopping")
 
 
-def add_split_options(p: argparse.ArgumentParser) -> None:
+def add_split_options(p: argparse.ArgumentParser, *, seed_help: str = "random seed of the split") -> None:
     from multitask.data import DEFAULT_SPLIT_METHOD, SPLIT_METHODS
 
     p.add_argument("--fractions", type=_fractions, default=(0.70, 0.15, 0.15),
                    help="train,val,test fractions (default 0.7,0.15,0.15)")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split (default 42)")
+    p.add_argument("--seed", type=int, default=42, help=f"{seed_help} (default 42)")
     p.add_argument("--split", choices=SPLIT_METHODS, default=DEFAULT_SPLIT_METHOD,
                    help="grouped (default): stratified by subclass, and the augmented siblings of one source image "
                         "stay in one split; random: files split independently, so siblings leak across splits")
@@ -247,7 +247,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="static: --loss-weights; uncertainty: learned (Kendall et al. 2018) (default %(default)s)")
     p.add_argument("--balance", action="store_true", help="weight samples so each task's classes count equally")
     p.add_argument("--split-file", help="reuse this saved split (from `multitask scan --out`) instead of --data")
-    add_split_options(p)
+    add_split_options(p, seed_help="random seed of the split, the initialisation and the data order")
     add_taxonomy_options(p)
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="tf.distribute: mirrored = all local GPUs (or CPUs), multiworker = TF_CONFIG cluster")

@@ -78,25 +78,8 @@ def save_overlay(
     image: np.ndarray, heatmaps: dict[str, np.ndarray], titles: dict[str, str], path: str | os.PathLike
 ) -> Path:
     """PNG of the input beside one overlay per head; ``titles`` label each head (e.g. "organ: Lung 0.93")."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
-
-    from multitask.files import atomic_path
-
-    pixels = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
-    fig = Figure(figsize=(2.6 * (1 + len(heatmaps)), 2.8))
-    axes = fig.subplots(1, 1 + len(heatmaps))
-    axes[0].imshow(pixels)
-    axes[0].set_title("input", fontsize=9)
-    for ax, (task, cam) in zip(axes[1:], heatmaps.items(), strict=True):
-        ax.imshow(pixels)
-        ax.imshow(upsample(cam, pixels.shape[0]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        ax.set_title(titles.get(task, task), fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    return Path(path)
+    return save_grid(np.asarray(image)[None], {task: np.asarray(cam)[None] for task, cam in heatmaps.items()},
+                     [titles], path)
 
 
 def save_grid(
