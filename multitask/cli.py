@@ -83,7 +83,8 @@ def run_scan(args: argparse.Namespace) -> int:
         for path, reason in report.unreadable.items():
             print(f"  {path}: {reason}")
     if args.out:
-        split = split_manifest(manifest, fractions=args.fractions, seed=args.seed, method=args.split)
+        split = split_manifest(manifest, fractions=args.fractions, seed=args.seed, method=args.split,
+                               min_inliers=args.min_inliers, cache_dir=args.keypoint_cache)
         save_split(split, args.out)
         sizes = split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
         print(f"wrote {args.out} ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
@@ -96,6 +97,8 @@ def add_scan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="decode every file once and drop unreadable ones")
     p.add_argument("--out", help="write the manifest with a split column to this CSV")
     add_split_options(p)
+    p.add_argument("--keypoint-cache", metavar="DIR",
+                   help="grouped split: cache ORB keypoints here, so a second scan of the same files is fast")
 
 
 def add_taxonomy_options(p: argparse.ArgumentParser) -> None:
@@ -113,6 +116,8 @@ def add_split_options(p: argparse.ArgumentParser, *, seed_help: str = "random se
     p.add_argument("--split", choices=SPLIT_METHODS, default=DEFAULT_SPLIT_METHOD,
                    help="grouped (default): stratified by subclass, and the augmented siblings of one source image "
                         "stay in one split; random: files split independently, so siblings leak across splits")
+    p.add_argument("--min-inliers", type=int, default=None,
+                   help="grouped split: RANSAC inliers that make two images siblings (default 30)")
 
 
 @command("audit-split", "count near-duplicate images that a split puts on both sides (train-test, ...)")
@@ -192,6 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
         unfreeze_from=args.unfreeze_from, learning_rate=args.learning_rate,
         fine_tune_learning_rate=args.fine_tune_learning_rate, loss_weights=args.loss_weights,
         weighting=args.weighting, balance=args.balance, split_file=args.split_file, split=args.split,
+        min_inliers=args.min_inliers,
         fractions=args.fractions, seed=args.seed, strategy=args.strategy, taxonomy=args.taxonomy,
         allow_unknown=args.allow_unknown, cache_dir=args.cache_dir, patience=args.patience,
         overwrite=args.overwrite, verbose=1,

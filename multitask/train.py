@@ -85,6 +85,7 @@ class TrainConfig:
     balance: bool = False
     split_file: str | None = None
     split: str = DEFAULT_SPLIT_METHOD
+    min_inliers: int | None = None  # grouped split: None = multitask.grouping's default
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     seed: int = 42
     strategy: str = "default"
@@ -182,7 +183,9 @@ def prepare_split(config: TrainConfig, taxonomy: Taxonomy) -> pd.DataFrame:
     if config.split_file:
         return load_split(config.split_file, taxonomy=taxonomy)
     manifest = scan_tree(config.data, taxonomy=taxonomy, allow_unknown=config.allow_unknown).manifest
-    return split_manifest(manifest, fractions=config.fractions, seed=config.seed, method=config.split)
+    keypoints = Path(config.cache_dir or Path(config.out) / CACHE_DIR) / "keypoints"
+    return split_manifest(manifest, fractions=config.fractions, seed=config.seed, method=config.split,
+                          min_inliers=config.min_inliers, cache_dir=keypoints)
 
 
 def class_weights(train: pd.DataFrame, tasks: Sequence[str]) -> dict[str, dict[int, float]]:
