@@ -270,7 +270,7 @@ def explain_figure(predictor, manifest: pd.DataFrame, predicted: pd.DataFrame, *
     titles = [{"input": Path(manifest.at[r, "path"]).name[:28],
                **{t: f"{t}: {manifest.at[r, t]} -> {predicted.at[r, t]}" for t in predictor.tasks}} for r in rows]
     save_grid(np.concatenate(images), {t: np.concatenate(v) for t, v in cams.items()}, titles, path)
-    return {"n": len(rows), "figure": path.name, "layer": "mixed10"}
+    return {"n": len(rows), "figure": path.name, "layer": predictor.gradcam.layer}
 
 
 def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, str]]:

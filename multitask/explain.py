@@ -1,9 +1,12 @@
 """Grad-CAM for each head: where did the model look to decide the organ, and to decide malignancy?
 
-Grad-CAM (Selvaraju et al., 2017) weights the channels of the last InceptionV3 mixed block ("mixed10") by
-the spatial mean of the gradient of one head's logit for the predicted class, sums them, and keeps the
-positive part. Heatmaps are returned at the **feature map's** resolution (e.g. 6x6 for 256 px inputs, 2x2 for
-128 px), normalised per image to [0, 1]; :func:`upsample` brings them to the input resolution for display.
+Grad-CAM (Selvaraju et al., 2017) weights the channels of an InceptionV3 mixed block by the spatial mean of the
+gradient of one head's logit for its predicted class, sums them, and keeps the positive part. The block is the
+last one, "mixed10", whenever its map is at least 3x3 (inputs of 160 px and more; 6x6 at 256 px); smaller inputs
+shrink it to 1x1 or 2x2, which cannot show *where*, so the last block that is still 3x3 or larger is used instead
+(e.g. "mixed7" at 75-128 px). :attr:`GradCam.layer` says which. Heatmaps are returned at that **feature map's**
+resolution, normalised per image to [0, 1] (all zeros where nothing speaks for the predicted class);
+:func:`upsample` brings them to the input resolution for display.
 
 One forward pass and one gradient call per head and batch: per-sample gradients come out of a single
 ``tape.gradient`` of the summed scores, because samples do not interact at inference (BatchNorm uses its
@@ -20,21 +23,30 @@ import numpy as np
 from multitask.taxonomy import TASKS
 
 DEFAULT_LAYER = "mixed10"
+MIN_MAP_SIZE = 3
+
+
+def choose_layer(backbone) -> str:
+    """"mixed10", or the last top-level mixed block whose feature map is at least MIN_MAP_SIZE wide."""
+    blocks = [layer for layer in backbone.layers if layer.name.startswith("mixed") and "_" not in layer.name]
+    wide_enough = [b.name for b in blocks if b.output.shape[1] >= MIN_MAP_SIZE]
+    if DEFAULT_LAYER in wide_enough or not wide_enough:
+        return DEFAULT_LAYER
+    return wide_enough[-1]
 
 
 class GradCam:
     """Grad-CAM for every head of a joint or single-task model from :mod:`multitask.model`."""
 
-    def __init__(self, model, *, layer: str = DEFAULT_LAYER):
+    def __init__(self, model, *, layer: str | None = None):
         import keras
         import tensorflow as tf
 
-        from multitask.model import FEATURE_SCALING
-
         backbone = model.get_layer("backbone")
+        self.layer = layer or choose_layer(backbone)
         self.tasks = tuple(t for t in TASKS if t in model.output_names)
-        self.feature_maps = keras.Model(backbone.input, backbone.get_layer(layer).output)
-        self.scaling = backbone.get_layer(FEATURE_SCALING)
+        # The block's maps and the backbone's own output (pooled, standardised features) from one forward pass.
+        self.backbone = keras.Model(backbone.input, [backbone.get_layer(self.layer).output, backbone.output])
         self.heads = {t: (model.get_layer(f"{t}_hidden"), model.get_layer(t)) for t in self.tasks}
         self._maps = tf.function(self._compute, reduce_retracing=True)
 
@@ -42,10 +54,8 @@ class GradCam:
         import tensorflow as tf
 
         with tf.GradientTape(persistent=True) as tape:
-            maps = self.feature_maps(images, training=False)
-            tape.watch(maps)
-            pooled = self.scaling(tf.reduce_mean(maps, axis=(1, 2)))  # the backbone's pooling and scaling
-            logits = {t: out(hidden(pooled)) for t, (hidden, out) in self.heads.items()}
+            maps, features = self.backbone(images, training=False)
+            logits = {t: out(hidden(features)) for t, (hidden, out) in self.heads.items()}  # dropout off
             scores = {t: tf.reduce_max(v, axis=-1) for t, v in logits.items()}  # predicted class's logit
         cams, predicted = {}, {}
         for task in self.tasks:

@@ -169,22 +169,27 @@ class Predictor:
         errors = [None if ok else problems[path] for path, ok in zip(files, done, strict=True)]
         return self._table(files, probs, done, errors)
 
+    @property
+    def gradcam(self):
+        """The run's :class:`multitask.explain.GradCam`, built on first use (most predictions need no gradients)."""
+        from multitask.explain import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model)
+        return self._gradcam
+
     def heatmaps(self, files: Sequence[str], *, batch_size: int = 16):
         """Grad-CAM batches ``(indices, images, {task: (n, h, w) heatmaps}, {task: predicted ids})`` of ``files``.
 
         Unreadable files are skipped (their index is absent); see :mod:`multitask.explain` for the method.
         """
-        from multitask.explain import GradCam
-
-        if self._gradcam is None:
-            self._gradcam = GradCam(self.model)
         for index, images in self._batches([str(f) for f in files], batch_size):
-            cams, predicted = self._gradcam(images)
+            cams, predicted = self.gradcam(images)
             yield index.numpy(), images.numpy(), cams, predicted
 
     def explain(self, path: str | os.PathLike, head: str = "organ") -> np.ndarray:
         """Grad-CAM heatmap of ``head``'s predicted class for one image file: a 2-D array in [0, 1] at the
-        resolution of the last InceptionV3 block's feature map (6x6 for 256 px inputs)."""
+        resolution of the explained block's feature map (mixed10: 6x6 for 256 px inputs; see multitask.explain)."""
         if head not in self.tasks:
             raise DataError(f"this run has no {head!r} head; its heads are {', '.join(self.tasks)}")
         for _, _, cams, _ in self.heatmaps([path], batch_size=1):

@@ -68,6 +68,13 @@ def test_cancer_heatmap_peaks_in_the_quadrant_holding_the_evidence(trained_joint
         assert cam[:2, :2].mean() > cam[2:, 2:].mean()
 
 
+@pytest.mark.parametrize(("size", "layer", "side"), [(75, "mixed7", 3), (128, "mixed7", 6), (160, "mixed10", 3)])
+def test_the_last_block_with_a_map_of_at_least_3x3_is_explained(size, layer, side):
+    gradcam = GradCam(mt_model.build_single_task_model("cancer", size, weights=None))
+    cams, _ = gradcam(np.zeros((1, size, size, 3), np.float32))
+    assert gradcam.layer == layer and cams["cancer"].shape == (1, side, side)
+
+
 def test_single_task_model_gets_one_heatmap():
     net = mt_model.build_single_task_model("organ", SIZE, weights=None)
     cams, _ = GradCam(net)(np.zeros((1, SIZE, SIZE, 3), np.float32))
@@ -127,6 +134,6 @@ def test_evaluate_explain_adds_a_figure_to_the_report(joint_run, tmp_path):
     from multitask.evaluate import evaluate_run
 
     metrics = evaluate_run(joint_run, out=tmp_path, explain=3)
-    assert metrics["explain"]["n"] == 3
+    assert metrics["explain"]["n"] == 3 and metrics["explain"]["layer"] == "mixed7"  # 75 px: mixed10 is 1x1
     assert (tmp_path / "explain.png").read_bytes()[:4] == b"\x89PNG"
     assert "![Grad-CAM per head](explain.png)" in (tmp_path / "report.md").read_text()
