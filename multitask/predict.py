@@ -290,14 +290,25 @@ def sample_predictions(run: str | os.PathLike | RunInfo, n: int, *, split: str =
     return frame
 
 
+def best_time(fn, *, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall seconds of ``fn()``, after one warm-up call that absorbs tracing."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def images_per_second(model, *, batch_size: int = 32, batches: int = 4, repeats: int = 3) -> float:
     """Inference throughput of ``model`` on random in-memory images: best of ``repeats`` timed passes.
 
     The forward pass is traced once (fixed input shape) and warmed up before timing, so the number measures the
     model, not graph building or file decoding.
     """
-    import time
-
     import tensorflow as tf
 
     shape = (batch_size, *model.input_shape[1:])
@@ -309,10 +320,4 @@ def images_per_second(model, *, batch_size: int = 32, batches: int = 4, repeats:
             outputs = forward(images)
         tf.nest.map_structure(lambda t: t.numpy(), outputs)  # wait for the last batch
 
-    one_pass()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        one_pass()
-        best = min(best, time.perf_counter() - start)
-    return batch_size * batches / best
+    return batch_size * batches / best_time(one_pass, repeats=repeats)

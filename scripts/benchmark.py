@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +34,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from multitask import data, model, synthetic  # noqa: E402
-from multitask.predict import images_per_second  # noqa: E402
-
-
-def timed(fn, *, repeats: int) -> float:
-    """Best-of-``repeats`` wall seconds of ``fn()`` after one warm-up call (which absorbs tracing)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from multitask.predict import best_time, images_per_second  # noqa: E402
 
 
 def bench_dual_prediction(image_size: int, batch_size: int, batches: int, repeats: int) -> dict:
@@ -59,8 +47,8 @@ def bench_dual_prediction(image_size: int, batch_size: int, batches: int, repeat
              for name, net in (("joint", joint), ("organ", organ), ("cancer", cancer))}
     separate_ips = 1.0 / (1.0 / speed["organ"] + 1.0 / speed["cancer"])  # both models, one after the other
     # What the naive call paths cost, for the record: Keras predict() per batch and an eager __call__.
-    predict_ips = batch_size / timed(lambda: joint.predict(batch, verbose=0), repeats=repeats)
-    eager_ips = batch_size / timed(lambda: joint(batch, training=False), repeats=repeats)
+    predict_ips = batch_size / best_time(lambda: joint.predict(batch, verbose=0), repeats=repeats)
+    eager_ips = batch_size / best_time(lambda: joint(batch, training=False), repeats=repeats)
     return {
         "image_size": image_size, "batch_size": batch_size, "images": batch_size * batches,
         "joint_images_per_s": speed["joint"], "separate_images_per_s": separate_ips,
@@ -89,8 +77,8 @@ def bench_cached_heads(image_size: int, n_images: int, batch_size: int) -> dict:
     def epoch(net, x):
         return lambda: net.fit(x, labels, batch_size=batch_size, epochs=1, verbose=0, shuffle=True)
 
-    full_s = timed(epoch(full, images), repeats=2)
-    heads_s = timed(epoch(heads, features), repeats=3)
+    full_s = best_time(epoch(full, images), repeats=2)
+    heads_s = best_time(epoch(heads, features), repeats=3)
     return {"image_size": image_size, "images": n_images, "recompute_backbone_s_per_epoch": full_s,
             "cached_features_s_per_epoch": heads_s, "speedup": full_s / heads_s}
 
@@ -106,7 +94,7 @@ def bench_pipeline(image_size: int, batch_size: int, n_images: int, workdir: Pat
             pass
 
     return {"source_px": 512, "image_size": image_size, "images": len(manifest),
-            "pipeline_images_per_s": len(manifest) / timed(epoch, repeats=2)}
+            "pipeline_images_per_s": len(manifest) / best_time(epoch, repeats=2)}
 
 
 def count_flops(net: keras.Model) -> int:
@@ -141,7 +129,7 @@ def cpu_peak() -> dict:
     theoretical = cores * mhz * 1e6 * per_cycle
     a = tf.random.uniform((2048, 2048))
     matmul = tf.function(lambda: tf.linalg.matmul(a, a))
-    seconds = timed(lambda: matmul().numpy(), repeats=5)
+    seconds = best_time(lambda: matmul().numpy(), repeats=5)
     return {"cpu": name, "cores": cores, "mhz": mhz, "fp32_flops_per_cycle_per_core": per_cycle,
             "theoretical_flops_per_s": theoretical, "measured_matmul_flops_per_s": 2 * 2048**3 / seconds}
 
