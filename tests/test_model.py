@@ -10,9 +10,11 @@ from conftest import IMAGE_SIZE
 from multitask.errors import ModelError
 from multitask.model import (
     FEATURE_DIM,
+    VARIANCE_SHRINKAGE,
     build_backbone,
     build_joint_model,
     build_single_task_model,
+    fit_feature_scaling,
     freeze_backbone,
     model_tasks,
 )
@@ -120,13 +122,26 @@ def test_too_small_image_is_a_model_error():
 
 
 def test_feature_scaling_standardises_with_training_statistics_once():
-    from multitask.errors import ModelError
-    from multitask.model import build_backbone, fit_feature_scaling
-
     backbone = build_backbone(75, weights=None)
     raw = np.random.default_rng(0).normal(3e-4, 1e-4, (40, 2048)).astype(np.float32)  # random-init scale
     scaled = fit_feature_scaling(backbone, raw, fit_rows=np.arange(40) < 30)
     np.testing.assert_allclose(scaled[:30].mean(axis=0), 0, atol=1e-3)
-    np.testing.assert_allclose(scaled[:30].std(axis=0), 1, atol=1e-2)
+    variance = raw[:30].astype(np.float64).var(axis=0)  # each feature's spread, shrunk toward the mean spread
+    expected_std = np.sqrt(variance / (variance + VARIANCE_SHRINKAGE * variance.mean()))
+    np.testing.assert_allclose(scaled[:30].std(axis=0), expected_std, atol=1e-3)
+    assert 0.9 < expected_std.mean() < 0.97
     with pytest.raises(ModelError, match="already fitted"):
         fit_feature_scaling(backbone, raw)
+
+
+def test_a_feature_constant_in_training_does_not_explode_when_it_fires():
+    """Pretrained ReLU features can be exactly 0 on every training image; plain z-scores divide them by ~0."""
+    backbone = build_backbone(75, weights=None)
+    rng = np.random.default_rng(1)
+    raw = np.abs(rng.normal(0.3, 0.1, (60, 2048))).astype(np.float32)
+    raw[:50, 7] = 0.0  # dead on every training row
+    raw[50:, 7] = 0.3  # fires on the held-out rows, at a typical feature's size
+    scaled = fit_feature_scaling(backbone, raw, fit_rows=np.arange(60) < 50)
+    assert np.all(scaled[:50, 7] == 0)
+    # At most 1/sqrt(shrinkage) times a typical feature's z-score: 0.3 / sqrt(0.1 * 0.1**2) ~ 9.5, not 3e6.
+    assert 5 < scaled[50:, 7].max() < 1.01 * 0.3 / np.sqrt(VARIANCE_SHRINKAGE * raw[:50].var(axis=0).mean())
