@@ -1,7 +1,8 @@
 """The ``multitask`` command: argparse only. Each subcommand parses, calls the library, prints.
 
-Library errors (:class:`multitask.errors.MultitaskError`) are printed as one line and exit with status 2;
-anything unexpected keeps its traceback.
+Every default and choice comes from the library (:mod:`multitask.settings` and the dataclasses there), so it is
+written once. Library errors (:class:`multitask.errors.MultitaskError`) are printed as one line, with settings
+named by their flags, and exit with status 2; anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,22 +12,29 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from multitask.errors import MultitaskError
+from multitask.errors import MultitaskError, cli_message
+from multitask.settings import (
+    BATCH_SIZE,
+    DEFAULT_SPLIT_METHOD,
+    SPLIT_METHODS,
+    SPLITS,
+    STRATEGIES,
+    TASK_CHOICES,
+    WEIGHTINGS,
+    DemoConfig,
+    GroupingParams,
+    SyntheticSettings,
+    TrainConfig,
+    defaults,
+)
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
-
-
-def command(name: str, help: str):
-    """Register ``fn(args)`` as subcommand ``name``; its docstring-free sibling ``add_<name>`` adds arguments."""
-
-    def register(fn):
-        COMMANDS[name] = fn
-        fn.help = help
-        return fn
-
-    return register
+TRAIN = defaults(TrainConfig)
+DEMO = defaults(DemoConfig)
+SYNTHETIC = defaults(SyntheticSettings)
+GROUPING = defaults(GroupingParams)
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -47,7 +55,6 @@ def _print_table(title: str, frame) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
-@command("download", "download the Kaggle Multi Cancer dataset with kagglehub")
 def run_download(args: argparse.Namespace) -> int:
     from multitask.data import download
 
@@ -60,7 +67,6 @@ def add_download(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest", help="folder to download into (default: kagglehub's cache)")
 
 
-@command("scan", "count images per organ, cancer label and subclass; optionally save a split manifest")
 def run_scan(args: argparse.Namespace) -> int:
     from multitask.data import counts_table, save_split, scan_tree, split_manifest
     from multitask.taxonomy import load_taxonomy
@@ -108,29 +114,25 @@ def add_taxonomy_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_split_options(p: argparse.ArgumentParser, *, seed_help: str = "random seed of the split") -> None:
-    from multitask.data import DEFAULT_SPLIT_METHOD, SPLIT_METHODS
-
-    p.add_argument("--fractions", type=_fractions, default=(0.70, 0.15, 0.15),
-                   help="train,val,test fractions (default 0.7,0.15,0.15)")
-    p.add_argument("--seed", type=int, default=42, help=f"{seed_help} (default 42)")
+    p.add_argument("--fractions", type=_fractions, default=TRAIN["fractions"],
+                   help=f"train,val,test fractions (default {','.join(map(str, TRAIN['fractions']))})")
+    p.add_argument("--seed", type=int, default=TRAIN["seed"], help=f"{seed_help} (default %(default)s)")
     p.add_argument("--split", choices=SPLIT_METHODS, default=DEFAULT_SPLIT_METHOD,
                    help="grouped (default): stratified by subclass, and the augmented siblings of one source image "
                         "stay in one split; random: files split independently, so siblings leak across splits")
     p.add_argument("--min-inliers", type=int, default=None,
-                   help="grouped split: RANSAC inliers that make two images siblings (default 30)")
+                   help="grouped split: RANSAC inliers that make two images siblings (default "
+                        f"{GROUPING['min_inliers']})")
 
 
-@command("audit-split", "count near-duplicate images that a split puts on both sides (train-test, ...)")
 def run_audit_split(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from multitask.grouping import audit_split, read_split_table, write_audit
+    from multitask.audit import audit_split, read_split_table, write_audit
 
     frame = read_split_table(args.split_csv)
     by = "subclass" if "subclass" in frame.columns else "the whole set (no subclass column)"
     print(f"checking {len(frame)} images of {args.split_csv}; candidates within {by}, k={args.k}, "
           f"min inliers {args.min_inliers}")
-    audit = audit_split(frame, k=args.k, min_inliers=args.min_inliers, cache_dir=args.cache_dir,
+    audit = audit_split(frame, params=GroupingParams(k=args.k, min_inliers=args.min_inliers), cache_dir=args.cache_dir,
                         workers=args.workers)
     csv = Path(args.split_csv).resolve()
     out = Path(args.out) if args.out else csv.parent / f"{csv.stem}_audit"  # one folder per CSV: no overwriting
@@ -150,21 +152,18 @@ def run_audit_split(args: argparse.Namespace) -> int:
 
 
 def add_audit_split(p: argparse.ArgumentParser) -> None:
-    from multitask.grouping import GroupingParams
-
     p.add_argument("split_csv", help="CSV with path and split columns (subclass optional), from any tool")
     p.add_argument("--out", help="folder for audit.json and audit_pairs.png (default: SPLIT_CSV_STEM_audit/ next to "
                                  "the CSV)")
-    p.add_argument("--k", type=int, default=GroupingParams.k,
+    p.add_argument("--k", type=int, default=GROUPING["k"],
                    help="candidates checked per image in each earlier split (default %(default)s)")
-    p.add_argument("--min-inliers", type=int, default=GroupingParams.min_inliers,
+    p.add_argument("--min-inliers", type=int, default=GROUPING["min_inliers"],
                    help="geometric inliers that make two images near-duplicates (default %(default)s)")
     p.add_argument("--examples", type=int, default=8, help="pairs shown in the table and the contact sheet")
     p.add_argument("--cache-dir", help="cache ORB keypoints here (reused by later audits and grouped splits)")
     p.add_argument("--workers", type=int, help="threads (default: all cores)")
 
 
-@command("demo-data", "write a small SYNTHETIC dataset in the Kaggle folder layout (smoke tests only)")
 def run_demo_data(args: argparse.Namespace) -> int:
     from multitask.synthetic import DEMO_ROOT, generate
 
@@ -176,9 +175,10 @@ def run_demo_data(args: argparse.Namespace) -> int:
 
 def add_demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write into")
-    p.add_argument("--per-class", type=int, default=40, help="images per subclass (default 40)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=SYNTHETIC["per_class"],
+                   help="images per subclass (default %(default)s)")
+    p.add_argument("--size", type=int, default=SYNTHETIC["size"], help="image side in pixels (default %(default)s)")
+    p.add_argument("--seed", type=int, default=SYNTHETIC["seed"], help="default %(default)s")
     p.add_argument("--with-bad-files", action="store_true",
                    help="also write an empty, a truncated, a text and a PNG-named-.jpg file")
 
@@ -186,49 +186,37 @@ def add_demo_data(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- train
 
 
-@command("train", "train the joint model (or one single-task model) and write a run directory")
 def run_train(args: argparse.Namespace) -> int:
-    from multitask.run import CONFIG_FILE, HISTORY_FILE, HISTORY_PLOT
-    from multitask.train import TENSORBOARD_DIR, TrainConfig, train
+    from multitask.rundir import CONFIG_FILE, HISTORY_FILE, HISTORY_PLOT, TENSORBOARD_DIR
+    from multitask.train import train
 
-    config = TrainConfig(
-        out=args.out, data=args.data, task=args.task, weights=args.weights, image_size=args.image_size,
-        batch_size=args.batch_size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-        unfreeze_from=args.unfreeze_from, learning_rate=args.learning_rate,
-        fine_tune_learning_rate=args.fine_tune_learning_rate, loss_weights=args.loss_weights,
-        weighting=args.weighting, balance=args.balance, split_file=args.split_file, split=args.split,
-        min_inliers=args.min_inliers,
-        fractions=args.fractions, seed=args.seed, strategy=args.strategy, taxonomy=args.taxonomy,
-        allow_unknown=args.allow_unknown, cache_dir=args.cache_dir, patience=args.patience,
-        overwrite=args.overwrite, verbose=1,
-    )
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN if hasattr(args, name)})
     info = train(config)
     print(f"\nfinished run in {info.path}")
     for label, name in (("model", info.model_path.name), ("config", CONFIG_FILE), ("split", info.split_path.name),
                         ("history", HISTORY_FILE), ("plot", HISTORY_PLOT), ("tensorboard", TENSORBOARD_DIR)):
         if (info.path / name).exists():
             print(f"  {label:<12} {info.path / name}")
-    final = info.config["final"]
+    final, saved = info.config["final"], info.config["saved"]
     for task in info.tasks:
         print(f"  {task:<12} val accuracy {final.get(f'val_{task}_accuracy', float('nan')):.3f}, "
-              f"val loss {final.get(f'val_{task}_loss', float('nan')):.3f} (last epoch)")
+              f"val loss {final.get(f'val_{task}_loss', float('nan')):.3f} (the saved model: {saved['phase']} "
+              f"epoch {saved['epoch'] + 1 if saved['epoch'] is not None else '?'})")
     print(f"  {'seconds':<12} " + ", ".join(f"{k} {v:.1f}" for k, v in info.config["timings"].items()))
     return 0
 
 
 def _loss_weights(text: str) -> dict[str, float]:
-    from multitask.weighting import parse_loss_weights
+    from multitask.settings import parse_loss_weights
 
     try:
         return parse_loss_weights(text)
     except MultitaskError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(cli_message(exc)) from None
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
-    from multitask.train import STRATEGIES, TASK_CHOICES, TrainConfig
-
-    d = TrainConfig()
+    d = argparse.Namespace(**TRAIN)
     p.add_argument("--data", help="dataset folder to scan and split (not needed with --split-file)")
     p.add_argument("--out", required=True, help="run directory to write (rerun the same command to resume it)")
     p.add_argument("--task", choices=TASK_CHOICES, default=d.task,
@@ -249,7 +237,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="default: a tenth of --learning-rate")
     p.add_argument("--loss-weights", type=_loss_weights, default=d.loss_weights,
                    help="static weight of each head's loss, e.g. organ=1.0,cancer=0.5 (default 1 each)")
-    p.add_argument("--weighting", choices=("static", "uncertainty"), default=d.weighting,
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
                    help="static: --loss-weights; uncertainty: learned (Kendall et al. 2018) (default %(default)s)")
     p.add_argument("--balance", action="store_true", help="weight samples so each task's classes count equally")
     p.add_argument("--split-file", help="reuse this saved split (from `multitask scan --out`) instead of --data")
@@ -266,7 +254,6 @@ def add_train(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- evaluate / predict
 
 
-@command("evaluate", "metrics, confusion matrices and a report of a run on its test split or another folder")
 def run_evaluate(args: argparse.Namespace) -> int:
     from multitask.evaluate import METRICS_FILE, REPORT_FILE, evaluate_run, summary_table
 
@@ -290,10 +277,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
     p.add_argument("--data", help="evaluate every image of this folder (Kaggle layout) instead of the run's split")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+    p.add_argument("--split", choices=SPLITS, default="test",
                    help="which split of the run's split.csv to evaluate (default %(default)s)")
     p.add_argument("--out", help="folder for metrics.json, report.md and figures (default: the run directory)")
-    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
     p.add_argument("--explain", type=int, default=0, metavar="N",
                    help="add a figure of N evaluated images with each head's Grad-CAM heatmap to the report")
 
@@ -302,7 +289,6 @@ SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", 
 PREDICT_ROWS_SHOWN = 50
 
 
-@command("predict", "predict organ and benign/malignant for image files, folders or globs with a finished run")
 def run_predict(args: argparse.Namespace) -> int:
     from multitask.predict import Predictor, sample_predictions, write_predictions
 
@@ -347,10 +333,10 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
     p.add_argument("--out", type=_predictions_file,
                    help="save all rows (with per-class probabilities) as .csv or .json")
-    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
     p.add_argument("--sample", type=int, metavar="N",
                    help="instead of PATHs: N random images of the run's own split, true vs predicted")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+    p.add_argument("--split", choices=SPLITS, default="test",
                    help="split that --sample draws from (default %(default)s; train is refused)")
     p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
     p.add_argument("--explain", metavar="DIR",
@@ -360,13 +346,13 @@ def add_predict(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------- demo
 
 
-@command("demo", "offline demo: synthetic data -> train the joint model -> evaluate -> predict (a few minutes)")
 def run_demo(args: argparse.Namespace) -> int:
     from multitask.demo import PASS_ACCURACY, run_demo
     from multitask.evaluate import summary_table
 
-    result = run_demo(args.out, weights=args.weights, per_class=args.per_class, image_size=args.image_size,
-                      epochs=args.epochs, seed=args.seed, verbose=0 if args.quiet else 1)
+    config = DemoConfig(**{name: getattr(args, name) for name in DEMO if hasattr(args, name)},
+                        verbose=0 if args.quiet else 1)
+    result = run_demo(config)
     preview = result.predictions.assign(path=result.predictions["path"].map(os.path.basename))
     columns = [c for c in ("path", "true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob")
                if c in preview.columns]
@@ -383,17 +369,46 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="artifacts/demo", help="output folder (default %(default)s); data is reused")
-    p.add_argument("--weights", default=None,
+    p.add_argument("--out", default=DEMO["out"], help="output folder (default %(default)s); data is reused")
+    p.add_argument("--weights", default=DEMO["weights"],
                    help="backbone weights: none (default, offline), imagenet, or a weights file path")
-    p.add_argument("--per-class", type=int, default=30, help="synthetic images per subclass (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=96, help="model input size (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=15, help="head-training epochs (default %(default)s)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--per-class", type=int, default=DEMO["per_class"],
+                   help="synthetic images per subclass (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=DEMO["image_size"], help="model input size (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="head-training epochs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEMO["seed"], help="default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: what it does, how it adds its arguments, and what runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {
+    "download": Command("download the Kaggle Multi Cancer dataset with kagglehub", add_download, run_download),
+    "scan": Command("count images per organ, cancer label and subclass; optionally save a split manifest", add_scan,
+                    run_scan),
+    "audit-split": Command("count near-duplicate images that a split puts on both sides (train-test, ...)",
+                           add_audit_split, run_audit_split),
+    "demo-data": Command("write a small SYNTHETIC dataset in the Kaggle folder layout (smoke tests only)",
+                         add_demo_data, run_demo_data),
+    "train": Command("train the joint model (or one single-task model) and write a run directory", add_train,
+                     run_train),
+    "evaluate": Command("metrics, confusion matrices and a report of a run on its test split or another folder",
+                        add_evaluate, run_evaluate),
+    "predict": Command("predict organ and benign/malignant for image files, folders or globs with a finished run",
+                       add_predict, run_predict),
+    "demo": Command("offline demo: synthetic data -> train the joint model -> evaluate -> predict (a few minutes)",
+                    add_demo, run_demo),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,9 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, fn in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.help, description=fn.help)
-        globals()[f"add_{name.replace('-', '_')}"](p)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 
@@ -414,9 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args) or 0
+        return COMMANDS[args.command].run(args) or 0
     except MultitaskError as exc:
-        print(f"multitask {args.command}: error: {exc}", file=sys.stderr)
+        print(f"multitask {args.command}: error: {cli_message(exc)}", file=sys.stderr)
         return 2
 
 

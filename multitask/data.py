@@ -19,18 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.errors import DataError
-from multitask.files import atomic_path
+from multitask.errors import ConfigError, DataError
+from multitask.files import write_csv
+from multitask.settings import DEFAULT_FRACTIONS, DEFAULT_SPLIT_METHOD, SPLIT_METHODS, SPLITS, check_fractions
 from multitask.taxonomy import TASKS, Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 MANIFEST_COLUMNS = ("path", "subclass", "organ", "cancer", "organ_id", "cancer_id")
-SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
-SPLIT_METHODS = ("random", "grouped")
-DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one source stay in one split
 LAYOUT_HINT = "expected <Type>/<subclass>/*.jpg, e.g. 'Brain Cancer/brain_glioma/brain_glioma_0001.jpg'"
 
 
@@ -91,7 +88,7 @@ def scan_tree(
         listing = "; ".join(f"{p} ({n} images)" for p, n in sorted(report.unknown_folders.items())[:10])
         raise DataError(
             f"{len(report.unknown_folders)} image folder(s) under {root} are not subclasses of the taxonomy "
-            f"({taxonomy.source}): {listing}. Add them to a --taxonomy CSV, or pass --allow-unknown to skip them."
+            f"({taxonomy.source}): {listing}. Add them to a $taxonomy CSV, or pass $allow_unknown to skip them."
         )
     for path, count in report.unknown_folders.items():
         log.warning("skipping %s (%d images): folder name is not in the taxonomy", path, count)
@@ -187,18 +184,20 @@ def split_manifest(
     Subclasses with fewer than 3 images cannot be spread over three splits; they go to train (with a warning).
     """
     if method not in SPLIT_METHODS:
-        raise DataError(f"unknown split method {method!r}; expected one of {', '.join(SPLIT_METHODS)}")
-    fractions = _check_fractions(fractions)
+        raise ConfigError(f"unknown split method {method!r}; expected one of {', '.join(SPLIT_METHODS)}")
+    fractions = check_fractions(fractions)
     if method == "random":
         out = _random_split(manifest, fractions=fractions, seed=seed)
         out["split_method"] = "random"
         return out
     out = manifest.copy()
     if groups is None:
-        from multitask.grouping import GroupingParams, find_sibling_groups
+        from multitask.grouping import find_sibling_groups
+        from multitask.settings import GroupingParams
 
         min_inliers = GroupingParams.min_inliers if min_inliers is None else min_inliers
-        groups = find_sibling_groups(manifest, min_inliers=min_inliers, cache_dir=cache_dir, workers=workers).groups
+        groups = find_sibling_groups(manifest, params=GroupingParams(min_inliers=min_inliers), cache_dir=cache_dir,
+                                     workers=workers).groups
     groups = np.asarray(groups)
     if len(groups) != len(out) or pd.isna(groups).any():
         raise DataError(f"got {len(groups)} group ids ({int(pd.isna(groups).sum())} missing) for {len(out)} "
@@ -307,26 +306,11 @@ def _integer_targets(sizes: np.ndarray, fractions: np.ndarray, rng: np.random.Ge
     return target
 
 
-def _check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise DataError(f"split fractions {fractions} must be three non-negative numbers that sum to 1")
-    if fractions[0] == 0:
-        raise DataError("the train fraction must be positive")
-    return tuple(float(f) for f in fractions)  # type: ignore[return-value]
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``frame`` to ``path`` as CSV via a temporary file and rename, so readers never see half a file."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return Path(path)
-
-
 def save_split(manifest: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Save a split manifest (must have a ``split`` column) as CSV, atomically."""
     if "split" not in manifest.columns:
         raise DataError("manifest has no 'split' column; call split_manifest first")
-    return write_csv_atomic(manifest, path)
+    return write_csv(manifest, path)
 
 
 def load_split(
@@ -372,6 +356,39 @@ def load_image(path, image_size: int):
     return tf.clip_by_value(image, 0.0, 255.0)  # antialiased resize can overshoot slightly
 
 
+def indexed_images(paths: Sequence[str], *, image_size: int, batch_size: int):
+    """Batches of (row indices into ``paths``, images); files that fail to read or decode are dropped, so their
+    index is simply absent (callers find the failed rows by what is missing)."""
+    import tensorflow as tf
+
+    autotune = tf.data.AUTOTUNE
+    names = tf.constant(list(paths), tf.string)  # bytes, not numpy's fixed-width unicode: small for 100k paths
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), names))
+    ds = ds.map(lambda index, path: (index, load_image(path, image_size)), num_parallel_calls=autotune)
+    return ds.ignore_errors().batch(batch_size).prefetch(autotune)
+
+
+def class_weights(train: pd.DataFrame, tasks: Sequence[str]) -> dict[str, dict[int, float]]:
+    """Per task, sklearn's 'balanced' class weights of the training rows: every class counts equally."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    out = {}
+    for task in tasks:
+        labels = train[f"{task}_id"].to_numpy()
+        classes = np.unique(labels)
+        weights = compute_class_weight("balanced", classes=classes, y=labels)
+        out[task] = {int(c): float(w) for c, w in zip(classes, weights, strict=True)}
+    return out
+
+
+def sample_weights(frame: pd.DataFrame, weights: dict[str, dict[int, float]]) -> dict[str, np.ndarray]:
+    """Per-row weights of ``frame`` from :func:`class_weights` (classes unseen in training weigh 1)."""
+    return {
+        task: frame[f"{task}_id"].map(lambda c, w=per_class: w.get(int(c), 1.0)).to_numpy(np.float32)
+        for task, per_class in weights.items()
+    }
+
+
 def task_labels(manifest: pd.DataFrame, task: str) -> dict[str, np.ndarray] | np.ndarray:
     """Label arrays: ``{"organ": ids, "cancer": ids}`` for ``task="joint"``, else one id array."""
     if task == "joint":
@@ -392,11 +409,14 @@ def make_dataset(
     sample_weight: np.ndarray | dict[str, np.ndarray] | None = None,
     augment=None,
     with_labels: bool = True,
+    known_length: bool = False,
 ):
     """Batches of (float32 RGB images in 0..255, labels[, sample_weight]) from a manifest.
 
     Shuffles only when ``training``; ``augment`` (a batch -> batch callable) runs on training batches only.
-    Files that fail to decode are skipped with a logged warning instead of stopping a run.
+    Files that fail to decode are skipped with a logged warning instead of stopping a run, which leaves the number
+    of batches unknown; ``known_length=True`` declares it (for progress bars) when every file is known to decode,
+    and TensorFlow then stops with an error if one does not after all.
     """
     import tensorflow as tf
 
@@ -415,6 +435,8 @@ def make_dataset(
     if not with_labels:
         ds = ds.map(lambda image: image)  # unwrap the 1-tuple
     ds = ds.ignore_errors(log_warning=True).batch(batch_size)
+    if known_length:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(manifest) // batch_size)))
     if augment is not None and training:
         ds = ds.map(lambda x, *rest: (augment(x), *rest), num_parallel_calls=autotune)
     return ds.prefetch(autotune)
@@ -436,7 +458,7 @@ def download(dest: str | os.PathLike | None = None) -> Path:
             f"could not download {KAGGLE_HANDLE} from Kaggle ({type(exc).__name__}: {str(exc)[:200]}). "
             "Check your internet connection and Kaggle credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/"
             "KAGGLE_KEY), or download it by hand: open https://www.kaggle.com/datasets/" + KAGGLE_HANDLE +
-            ", click Download, unzip the archive anywhere, and pass that folder as --data (any folder "
+            ", click Download, unzip the archive anywhere, and pass that folder as $data (any folder "
             "above the <Type>/<subclass>/ folders works)."
         ) from exc
     return Path(path)

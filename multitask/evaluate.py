@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from multitask.data import load_split, scan_tree, write_csv_atomic
+from multitask.data import load_split, scan_tree
 from multitask.errors import DataError
-from multitask.files import atomic_path, write_json
-from multitask.run import RunInfo, open_run
+from multitask.files import save_figure, write_csv, write_json, write_text
+from multitask.rundir import RunInfo, open_run
+from multitask.settings import BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,6 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
-    return Path(path)
-
-
 def confusion_figure(matrix, labels: Sequence[str], path: str | os.PathLike, *, title: str) -> Path:
     """Save a confusion matrix as two labelled panels: counts, and rows normalised to 1 (recall per class)."""
     counts = np.asarray(matrix, np.int64)
@@ -189,7 +184,7 @@ def confusion_figure(matrix, labels: Sequence[str], path: str | os.PathLike, *, 
             if np.isfinite(value) and (value > 0 or fmt == "d"):
                 ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
                         color="white" if value > 0.6 * limit else "black")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=FIGURE_DPI)
 
 
 def roc_figure(y_true, scores, path: str | os.PathLike, *, title: str, auc: float | None = None) -> Path:
@@ -204,14 +199,15 @@ def roc_figure(y_true, scores, path: str | os.PathLike, *, title: str, auc: floa
     ax.set(title=title, xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
            xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=FIGURE_DPI)
 
 
 # ----------------------------------------------------------------------------------------------- a run
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = None, split: str = "test",
-                 out: str | os.PathLike | None = None, batch_size: int = 32, explain: int = 0) -> dict[str, Any]:
+                 out: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE,
+                 explain: int = 0) -> dict[str, Any]:
     """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, figures.
 
     ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap.
@@ -236,7 +232,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         if task == "cancer":
             result = cancer_metrics(y_true, probs, labels)
             result["per_organ"] = per_organ_accuracy(manifest["organ_id"], y_true, probs.argmax(axis=1),
-                                                     run.taxonomy.organ_labels,
+                                                     run.taxonomy.labels("organ"),
                                                      positive=labels.index(POSITIVE_LABEL))
         else:
             result = task_metrics(y_true, probs, labels)
@@ -248,10 +244,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
 
     table = pd.concat([manifest[["path", "subclass"]], manifest[list(run.tasks)].add_prefix("true_"),
                        predicted.drop(columns="path")], axis=1)
-    write_csv_atomic(table, out / PREDICTIONS_FILE)
+    write_csv(table, out / PREDICTIONS_FILE)
     write_json(metrics, out / METRICS_FILE)
-    with atomic_path(out / REPORT_FILE) as tmp:
-        tmp.write_text(render_report(metrics), encoding="utf-8")
+    write_text(render_report(metrics), out / REPORT_FILE)
     log.info("wrote %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, out)
     return metrics
 
@@ -286,7 +281,7 @@ def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, di
         log.warning("evaluating on the training images: expect optimistic numbers")
     chosen = manifest[manifest["split"] == split].reset_index(drop=True)
     if chosen.empty:
-        raise DataError(f"{run.split_path} has no {split!r} images; choose another --split or pass --data DIR")
+        raise DataError(f"{run.split_path} has no {split!r} images; choose another $split or pass $data DIR")
     return chosen, {"kind": "split", "split": split, "path": str(run.split_path)}, {}
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multitask.taxonomy import TASKS
+from multitask.files import save_figure
+from multitask.model import model_parts
 
 DEFAULT_LAYER = "mixed10"
 MIN_MAP_SIZE = 3
@@ -42,12 +43,12 @@ class GradCam:
         import keras
         import tensorflow as tf
 
-        backbone = model.get_layer("backbone")
-        self.layer = layer or choose_layer(backbone)
-        self.tasks = tuple(t for t in TASKS if t in model.output_names)
+        parts = model_parts(model)
+        self.layer = layer or choose_layer(parts.backbone)
+        self.tasks, self.heads = parts.tasks, parts.heads
         # The block's maps and the backbone's own output (pooled, standardised features) from one forward pass.
-        self.backbone = keras.Model(backbone.input, [backbone.get_layer(self.layer).output, backbone.output])
-        self.heads = {t: (model.get_layer(f"{t}_hidden"), model.get_layer(t)) for t in self.tasks}
+        self.backbone = keras.Model(parts.backbone.input,
+                                    [parts.backbone.get_layer(self.layer).output, parts.backbone.output])
         self._maps = tf.function(self._compute, reduce_retracing=True)
 
     def _compute(self, images):
@@ -55,7 +56,7 @@ class GradCam:
 
         with tf.GradientTape(persistent=True) as tape:
             maps, features = self.backbone(images, training=False)
-            logits = {t: out(hidden(features)) for t, (hidden, out) in self.heads.items()}  # dropout off
+            logits = self.heads(features, training=False)  # dropout off
             scores = {t: tf.reduce_max(v, axis=-1) for t, v in logits.items()}  # predicted class's logit
         cams, predicted = {}, {}
         for task in self.tasks:
@@ -98,8 +99,6 @@ def save_grid(
     """PNG with one row per image: the input, then each head's overlay; ``titles[i][task]`` labels the cells."""
     from matplotlib.figure import Figure  # no pyplot: no global backend switch, safe inside notebooks
 
-    from multitask.files import atomic_path
-
     tasks = list(heatmaps)
     n = len(images)
     fig = Figure(figsize=(2.2 * (1 + len(tasks)), 2.3 * n))
@@ -115,6 +114,4 @@ def save_grid(
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=70, format="png")
-    return Path(path)
+    return save_figure(fig, path, dpi=70)

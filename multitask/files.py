@@ -1,14 +1,22 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file. No project imports: every module may use it."""
+"""Writing files safely: atomic writes (a reader or a crash never sees half a file), one writer each for JSON, CSV
+and figures, stale temporary files, and free-space checks. No project imports: every module may use it."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEMP_TAG = ".tmp-"  # in every temporary name: ".model.tmp-k2j4xa9q.keras" is a half-written model.keras
 
 
 def _umask() -> int:
@@ -17,15 +25,24 @@ def _umask() -> int:
     return mask
 
 
+def _split_suffixes(name: str) -> tuple[str, str]:
+    """("latest", ".weights.h5") for "latest.weights.h5": Keras checks the whole suffix of what it writes."""
+    stem, dot, rest = name.partition(".")
+    return (stem, dot + rest) if stem else (name, "")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block succeeds.
 
-    The file gets the permissions a plain ``open()`` would give it (mkstemp's own are owner-only).
+    The temporary file keeps ``path``'s full suffix (``.weights.h5``, ``.keras``) and has :data:`TEMP_TAG` in its
+    name, so a crash leaves something :func:`remove_stale_temps` recognises. The file gets the permissions a
+    plain ``open()`` would give it (mkstemp's own are owner-only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+    stem, suffix = _split_suffixes(path.name)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}{TEMP_TAG}", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -38,7 +55,66 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically (NaN and infinity are refused: they are not JSON)."""
+    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_default(value):
+    """numpy scalars and arrays, paths and other objects with a plain form."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` (UTF-8), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_csv(frame, path: str | os.PathLike, **options) -> Path:
+    """Write a pandas DataFrame as CSV (no index), atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, **options)
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Save a matplotlib Figure as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` left in ``folder`` when its process was killed.
+
+    Only call this on a folder that no other process is writing (e.g. a run folder under its lock).
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_TAG}*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), folder)
+    return removed
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, *, what: str) -> None:
+    """Raise OSError(ENOSPC) naming ``folder`` when it has less than ``needed_bytes`` free for ``what``."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise OSError(errno.ENOSPC, f"only {free / 2**20:.0f} MB free under {probe}; {what} needs about "
+                                    f"{needed_bytes / 2**20:.0f} MB: free some space or write somewhere else")

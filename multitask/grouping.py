@@ -21,10 +21,10 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,44 +32,20 @@ import pandas as pd
 
 from multitask.errors import DataError
 from multitask.files import atomic_path
+from multitask.settings import GroupingParams
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("train", "val", "test")
 FEATURE_VERSION = 1  # bump when extraction changes, so old cache entries are not reused
 SEARCH_CHUNK_VALUES = 1 << 25  # similarities held at once (128 MB of float32)
 OVERMERGED_MIN_IMAGES, OVERMERGED_SHARE = 50, 0.10  # warn about groups this large
 MIN_KEYPOINTS = 20  # fewer than this and an image cannot be verified against anything
 
 
-@dataclass(frozen=True)
-class GroupingParams:
-    """Every setting of sibling detection, with its default (see the README for why these values)."""
-
-    k: int = 8  # candidates per image
-    min_inliers: int = 30  # unrelated images of one class reach ~11-27 inliers; most siblings 40-300
-    keypoints: int = 500  # ORB features per orientation
-    image_side: int = 256  # images are resized to this square before detection
-    ratio: float = 0.8  # Lowe's ratio test
-    ransac_px: float = 4.0  # RANSAC reprojection threshold, in pixels at image_side
-    hash_tables: int = 2  # bag of words: tables of hash_bits sampled descriptor bits each
-    hash_bits: int = 12
-
-    def __post_init__(self):
-        problems = [f"{name} must be at least {low}, got {getattr(self, name)}" for name, low in
-                    (("k", 1), ("min_inliers", 3), ("keypoints", 10), ("image_side", 64), ("hash_tables", 1),
-                     ("hash_bits", 4)) if getattr(self, name) < low]
-        if self.hash_bits > 16:
-            problems.append(f"hash_bits must be at most 16, got {self.hash_bits}")
-        if not 0 < self.ratio < 1:
-            problems.append(f"ratio must be between 0 and 1, got {self.ratio}")
-        if problems:
-            raise DataError("invalid grouping settings: " + "; ".join(problems))
-
-    def feature_key(self) -> str:
-        """Short hash of the settings that change extracted keypoints (the cache folder name)."""
-        text = f"orb-v{FEATURE_VERSION}-n{self.keypoints}-s{self.image_side}"
-        return f"{text}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+def feature_key(params: GroupingParams) -> str:
+    """Short hash of the settings that change extracted keypoints (the cache folder name)."""
+    text = f"orb-v{FEATURE_VERSION}-n{params.keypoints}-s{params.image_side}"
+    return f"{text}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +121,7 @@ def extract_keypoints(path: str, params: GroupingParams) -> Keypoints:
 def _cache_file(cache_dir: Path, path: str, params: GroupingParams) -> Path:
     stat = os.stat(path)
     key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    return cache_dir / params.feature_key() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+    return cache_dir / feature_key(params) / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
 
 
 def _read_cached(file: Path) -> Keypoints | None:
@@ -226,7 +202,7 @@ def word_histograms(keypoints: Sequence[Keypoints], params: GroupingParams) -> n
     return histograms / np.maximum(np.linalg.norm(histograms, axis=1, keepdims=True), 1e-9)
 
 
-def _search_space(histograms: np.ndarray) -> np.ndarray:
+def search_space(histograms: np.ndarray) -> np.ndarray:
     """Histograms minus their mean, L2-normalised: what all images of a subclass share no longer dominates."""
     centred = histograms - histograms.mean(axis=0, keepdims=True)
     return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-9)
@@ -258,7 +234,7 @@ def propose_pairs(keypoints: Sequence[Keypoints], params: GroupingParams) -> np.
     """Unique candidate pairs (i < j), shape (m, 2): each image with its ``k`` most similar word histograms."""
     if len(keypoints) < 2:
         return np.zeros((0, 2), np.int64)
-    vectors = _search_space(word_histograms(keypoints, params))
+    vectors = search_space(word_histograms(keypoints, params))
     neighbours = nearest(vectors, vectors, params.k, same_set=True)
     rows = np.repeat(np.arange(len(keypoints)), neighbours.shape[1])
     pairs = np.stack([rows, neighbours.ravel()], axis=1)
@@ -330,49 +306,68 @@ def _blocks(manifest: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
     return [(str(name), np.flatnonzero(codes == c)) for c, name in enumerate(names)]
 
 
-def find_sibling_groups(
-    manifest: pd.DataFrame,
-    *,
-    k: int = GroupingParams.k,
-    min_inliers: int = GroupingParams.min_inliers,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int | None = None,
-    params: GroupingParams | None = None,
-) -> GroupingResult:
-    """Group id per row of ``manifest`` (needs ``path``; candidates stay within ``subclass`` when present).
+@dataclass
+class BlockPairs:
+    """Candidate pairs (global row positions) with their inlier counts, gathered over the blocks of a frame."""
 
-    ``params``, when given, overrides ``k`` and ``min_inliers``.
-    """
-    if "path" not in manifest.columns:
-        raise DataError("the manifest has no 'path' column; expected one image path per row")
-    params = params or GroupingParams(k=k, min_inliers=min_inliers)
-    paths = manifest["path"].astype(str).tolist()
-    all_pairs, all_inliers, featureless = [], [], []
+    pairs: np.ndarray
+    inliers: np.ndarray
+    featureless: list[str]
+    seconds: dict[str, float]
+
+
+def verify_within_blocks(frame: pd.DataFrame, propose: Callable[[list[Keypoints], np.ndarray], np.ndarray], *,
+                         params: GroupingParams, cache_dir: str | os.PathLike | None = None,
+                         workers: int | None = None, label: str = "checking") -> BlockPairs:
+    """For each subclass of ``frame`` (all rows when there is no subclass column): keypoints, candidate pairs from
+    ``propose(keypoints, rows)`` (local positions), and their verified inlier counts. One progress bar over the
+    images; ``-v`` (debug logging) adds a line per subclass."""
+    import keras  # its progress bar only
+
+    paths = frame["path"].astype(str).tolist()
+    found_pairs, found_inliers, featureless = [], [], []
     seconds = dict.fromkeys(("keypoints", "propose", "verify"), 0.0)
-    started = time.perf_counter()
+    progress = keras.utils.Progbar(len(paths), unit_name="image", verbose=int(log.isEnabledFor(logging.INFO)))
+    started, done = time.perf_counter(), 0
     with _opencv_single_threaded():
-        for name, rows in _blocks(manifest):
+        for name, rows in _blocks(frame):
             with _timer(seconds, "keypoints"):
                 keypoints = load_keypoints([paths[i] for i in rows], params=params, cache_dir=cache_dir,
                                            workers=workers)
             featureless += [paths[i] for i, kp in zip(rows, keypoints, strict=True) if len(kp) < MIN_KEYPOINTS]
             with _timer(seconds, "propose"):
-                local = propose_pairs(keypoints, params)
+                local = propose(keypoints, rows)
             with _timer(seconds, "verify"):
-                all_inliers.append(verify_pairs(keypoints, local, params, workers=workers))
-            all_pairs.append(rows[local] if len(local) else np.zeros((0, 2), np.int64))
-            log.info("siblings of %s (%d images): %d of %d candidate pairs verified [%d s so far]", name, len(rows),
-                     int((all_inliers[-1] >= params.min_inliers).sum()), len(local), time.perf_counter() - started)
-    pairs = np.concatenate(all_pairs) if all_pairs else np.zeros((0, 2), np.int64)
-    inliers = np.concatenate(all_inliers) if all_inliers else np.zeros(0, np.int64)
+                found_inliers.append(verify_pairs(keypoints, local, params, workers=workers))
+            found_pairs.append(rows[local] if len(local) else np.zeros((0, 2), np.int64))
+            done += len(rows)
+            progress.update(done)
+            log.debug("%s %s (%d images): %d of %d candidate pairs verified [%d s so far]", label, name, len(rows),
+                      int((found_inliers[-1] >= params.min_inliers).sum()), len(local), time.perf_counter() - started)
+    pairs = np.concatenate(found_pairs) if found_pairs else np.zeros((0, 2), np.int64)
+    inliers = np.concatenate(found_inliers) if found_inliers else np.zeros(0, np.int64)
+    return BlockPairs(pairs=pairs, inliers=inliers, featureless=featureless, seconds=seconds)
+
+
+def find_sibling_groups(manifest: pd.DataFrame, *, params: GroupingParams | None = None,
+                        cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> GroupingResult:
+    """Group id per row of ``manifest`` (needs ``path``; candidates stay within ``subclass`` when present)."""
+    if "path" not in manifest.columns:
+        raise DataError("the manifest has no 'path' column; expected one image path per row")
+    params = params or GroupingParams()
+    paths = manifest["path"].astype(str).tolist()
+    log.info("finding augmented siblings among %d images (ORB + RANSAC, within each subclass)", len(paths))
+    found = verify_within_blocks(manifest, lambda keypoints, rows: propose_pairs(keypoints, params), params=params,
+                                 cache_dir=cache_dir, workers=workers, label="siblings of")
+    pairs, inliers = found.pairs, found.inliers
     sibling = inliers >= params.min_inliers
-    if featureless:
+    if found.featureless:
         log.warning("%d image(s) have fewer than %d keypoints and cannot be linked to siblings (first: %s)",
-                    len(featureless), MIN_KEYPOINTS, featureless[0])
+                    len(found.featureless), MIN_KEYPOINTS, found.featureless[0])
     frame = pd.DataFrame({"a": pairs[:, 0], "b": pairs[:, 1], "path_a": [paths[i] for i in pairs[:, 0]],
                           "path_b": [paths[i] for i in pairs[:, 1]], "inliers": inliers, "sibling": sibling})
     result = GroupingResult(groups=connected_groups(len(paths), pairs[sibling]), pairs=frame, params=params,
-                            featureless=featureless, seconds=seconds)
+                            featureless=found.featureless, seconds=found.seconds)
     log.info("sibling groups: %s", result.summary())
     _warn_if_overmerged(manifest, result.groups)
     return result
@@ -389,185 +384,3 @@ def _warn_if_overmerged(manifest: pd.DataFrame, groups: np.ndarray) -> None:
             log.warning("one sibling group holds %d images (%.0f%% of %s, e.g. %s); if they are not all augmented "
                         "copies of one source, raise min_inliers and check with `multitask audit-split`",
                         len(members), 100 * share, block[members[0]], manifest["path"].iloc[members[0]])
-
-
-# ----------------------------------------------------------------------------------------------- audit
-
-
-def cross_split_counts(pairs: np.ndarray, split: Sequence[str]) -> dict[str, int]:
-    """Number of ``pairs`` (row positions) whose two rows lie in different splits, per split pair ("train-test")."""
-    split = np.asarray(split, dtype=object)
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    names = _split_names(split)
-    counts = {f"{x}-{y}": 0 for i, x in enumerate(names) for y in names[i + 1:]}
-    for a, b in pairs:
-        x, y = sorted((split[a], split[b]), key=names.index)
-        if x != y:
-            counts[f"{x}-{y}"] += 1
-    return counts
-
-
-def count_cross_split_pairs(result: GroupingResult, split: Sequence[str]) -> dict[str, int]:
-    """Verified sibling pairs of ``result`` that a split (one name per manifest row) puts on both sides."""
-    return cross_split_counts(result.sibling_pairs[["a", "b"]].to_numpy(), split)
-
-
-def _split_names(split: Iterable[str]) -> list[str]:
-    present = set(split)
-    return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
-
-
-@dataclass
-class SplitAudit:
-    """Near-duplicate pairs that a split puts on both sides, found by proposal + geometric verification."""
-
-    pairs: pd.DataFrame  # path_a, split_a, path_b, split_b, inliers; worst (most inliers) first
-    counts: dict[str, int]  # verified cross-split pairs per split pair, e.g. {"train-test": 12}
-    leaked: dict[str, int]  # images of a later split with a near-duplicate in an earlier one
-    sizes: dict[str, int]  # images per split
-    params: GroupingParams
-    candidates_checked: int = 0
-
-    def to_json(self, *, examples: int = 20) -> dict:
-        """JSON-ready summary with the ``examples`` worst pairs."""
-        leaked_fraction = {s: (n / self.sizes[s] if self.sizes.get(s) else 0.0) for s, n in self.leaked.items()}
-        return {"sizes": self.sizes, "cross_split_pairs": self.counts, "leaked_images": self.leaked,
-                "leaked_fraction": leaked_fraction, "candidates_checked": self.candidates_checked,
-                "params": asdict(self.params), "worst": self.pairs.head(examples).to_dict(orient="records")}
-
-
-def audit_split(
-    frame: pd.DataFrame,
-    *,
-    k: int = GroupingParams.k,
-    min_inliers: int = GroupingParams.min_inliers,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int | None = None,
-    params: GroupingParams | None = None,
-) -> SplitAudit:
-    """Find near-duplicates across the splits of ``frame`` (``path``, ``split``, optional ``subclass``).
-
-    Each image of a later split (val, test) is checked against its ``k`` most similar images of every earlier
-    split (train; train and val), within its subclass when the frame has one.
-    """
-    missing = [c for c in ("path", "split") if c not in frame.columns]
-    if missing:
-        raise DataError(f"the split table has no {', '.join(missing)} column(s); expected path and split")
-    params = params or GroupingParams(k=k, min_inliers=min_inliers)
-    paths, split = frame["path"].astype(str).tolist(), frame["split"].astype(str).to_numpy(object)
-    names = _split_names(split)
-    found_pairs, found_inliers = [], []
-    with _opencv_single_threaded():
-        for _, rows in _blocks(frame):
-            keypoints = load_keypoints([paths[i] for i in rows], params=params, cache_dir=cache_dir,
-                                       workers=workers)
-            local = _cross_split_candidates(keypoints, split[rows], names, params)
-            found_inliers.append(verify_pairs(keypoints, local, params, workers=workers))
-            found_pairs.append(rows[local] if len(local) else np.zeros((0, 2), np.int64))
-    pairs = np.concatenate(found_pairs) if found_pairs else np.zeros((0, 2), np.int64)
-    inliers = np.concatenate(found_inliers) if found_inliers else np.zeros(0, np.int64)
-    return _audit_from_pairs(paths, split, names, pairs, inliers, params)
-
-
-def _cross_split_candidates(keypoints: Sequence[Keypoints], split: np.ndarray, names: list[str],
-                            params: GroupingParams) -> np.ndarray:
-    """(m, 2) local pairs (earlier split, later split): each later image with its k nearest earlier ones."""
-    if len(keypoints) < 2 or len(names) < 2:
-        return np.zeros((0, 2), np.int64)
-    vectors = _search_space(word_histograms(keypoints, params))
-    found = []
-    for i, later in enumerate(names[1:], start=1):
-        query = np.flatnonzero(split == later)
-        index = np.flatnonzero(np.isin(split, names[:i]))
-        neighbours = nearest(vectors[index], vectors[query], params.k, same_set=False)
-        found.append(np.stack([index[neighbours.ravel()], np.repeat(query, neighbours.shape[1])], axis=1))
-    return np.concatenate(found).astype(np.int64)
-
-
-def _audit_from_pairs(paths: list[str], split: np.ndarray, names: list[str], pairs: np.ndarray,
-                      inliers: np.ndarray, params: GroupingParams) -> SplitAudit:
-    verified = inliers >= params.min_inliers
-    kept, kept_inliers = pairs[verified], inliers[verified]
-    table = pd.DataFrame({"path_a": [paths[i] for i in kept[:, 0]], "split_a": split[kept[:, 0]],
-                          "path_b": [paths[i] for i in kept[:, 1]], "split_b": split[kept[:, 1]],
-                          "inliers": kept_inliers})
-    table = table.sort_values(["inliers", "path_b"], ascending=[False, True], kind="stable").reset_index(drop=True)
-    leaked = {s: int(len(set(table.loc[table["split_b"] == s, "path_b"]))) for s in names[1:]}
-    sizes = {s: int((split == s).sum()) for s in names}
-    return SplitAudit(pairs=table, counts=cross_split_counts(kept, split), leaked=leaked, sizes=sizes,
-                      params=params, candidates_checked=len(pairs))
-
-
-def read_split_table(path: str | os.PathLike) -> pd.DataFrame:
-    """A split CSV from any tool: needs ``path`` and ``split`` columns; relative paths resolve against its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"split file {path} does not exist; pass a CSV with path and split columns")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("path", "split") if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected at least path and split "
-                        f"(found {', '.join(frame.columns)})")
-    frame = frame.copy()
-    frame["path"] = [p if os.path.isabs(p) or os.path.exists(p) else str(path.parent / p) for p in frame["path"]]
-    gone = [p for p in frame["path"] if not os.path.isfile(p)]
-    if gone:
-        raise DataError(f"{path}: {len(gone)} of {len(frame)} listed images do not exist (first: {gone[0]}); "
-                        "restore them or fix the paths")
-    if "subclass" in frame.columns and (frame["subclass"] == "").any():
-        frame = frame.drop(columns="subclass")  # partly labelled: compare across the whole set instead
-        log.warning("%s: some rows have no subclass; candidates are searched across the whole set", path)
-    return frame
-
-
-def draw_contact_sheet(pairs: pd.DataFrame, path: str | os.PathLike, *, max_pairs: int = 8, side: int = 160) -> Path:
-    """PNG of cross-split pairs side by side: the most inliers first, then the weakest accepted (borderline) ones.
-
-    ``pairs`` as in :attr:`SplitAudit.pairs`; the borderline rows are the ones to check by eye when tuning
-    ``min_inliers``.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas, safe without a display
-    from PIL import Image
-
-    borderline = max_pairs // 4 if len(pairs) > max_pairs else 0
-    shown = pd.concat([pairs.head(max_pairs - borderline).assign(kind="worst"),
-                       pairs.tail(borderline).assign(kind="borderline")])
-    rows = max(len(shown), 1)
-    fig = Figure(figsize=(2 * side / 50, rows * side / 50 + 0.4))
-    axes = fig.subplots(rows, 2, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    if shown.empty:
-        axes[0, 0].text(0, 0.5, "no near-duplicates across splits", fontsize=10)
-    for r, row in enumerate(shown.itertuples(index=False)):
-        for c, (file, name) in enumerate(((row.path_a, row.split_a), (row.path_b, row.split_b))):
-            with Image.open(file) as image:
-                axes[r, c].imshow(image.convert("RGB").resize((side, side)))
-            note = f"  {row.inliers} inliers" + (" (borderline)" if row.kind == "borderline" else "")
-            axes[r, c].set_title(f"{name}: {os.path.basename(file)}" + (note if c else ""), fontsize=7)
-    fig.suptitle("near-duplicates across splits", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (rows * side / 50 + 0.4)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def write_audit(audit: SplitAudit, out_dir: str | os.PathLike, *, examples: int = 8) -> dict[str, Path]:
-    """Write ``audit.json`` (counts, worst pairs) and ``audit_pairs.png`` (contact sheet) into ``out_dir``."""
-    import json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "audit.json"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(json.dumps(audit.to_json(examples=max(examples, 20)), indent=2, default=_json_default))
-    os.replace(tmp, report)
-    return {"report": report, "contact_sheet": draw_contact_sheet(audit.pairs, out / "audit_pairs.png",
-                                                                  max_pairs=examples)}
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -7,6 +7,11 @@ built-in ``Normalization`` layer). The heads keep the seed's top, one per task:
 Dense(256, relu) -> Dropout(0.2) -> Dense(n) logits. The pooled features are computed once and shared by
 both heads, so a joint forward pass costs one backbone plus two small heads.
 
+The joint (or single-task) model is ``image -> backbone -> heads`` with both parts kept as named sub-models
+(keras-hub style: a Backbone that ends at features, a Task that adds heads). Code that needs a part asks for it
+with :func:`model_parts`, which is the only place that knows the parts' names; the tasks a model answers are
+the keys of its heads' output dict (:func:`model_tasks`).
+
 Only built-in layers are used, so a saved ``.keras`` file loads with ``keras.models.load_model`` under the
 default ``safe_mode=True`` without any custom-object registration.
 """
@@ -14,16 +19,18 @@ default ``safe_mode=True`` without any custom-object registration.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from multitask.errors import ModelError
+from multitask.settings import MIN_IMAGE_SIZE
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, TASKS
 
+BACKBONE, HEADS = "backbone", "heads"  # the sub-models of every model built here
 FEATURE_SCALING = "feature_scaling"
-MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
 FEATURE_DIM = 2048
 NUM_CLASSES = {"organ": len(ORGAN_LABELS), "cancer": len(CANCER_LABELS)}
 HEAD_UNITS = 256
@@ -41,7 +48,7 @@ def resolve_weights(weights: str | os.PathLike | None) -> str | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(
-            f"weights file {path} does not exist; pass --weights imagenet (downloads once), --weights none "
+            f"weights file {path} does not exist; pass $weights=imagenet (downloads once), $weights=none "
             "(random initialisation), or the path of InceptionV3 'notop' weights "
             "(inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5)"
         )
@@ -62,10 +69,10 @@ def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "i
         if weights != "imagenet" or "fetch failure" not in str(exc).lower():
             raise
         raise ModelError(
-            f"could not download the ImageNet weights of InceptionV3 ({str(exc)[:160]}). Use --weights none to "
+            f"could not download the ImageNet weights of InceptionV3 ({str(exc)[:160]}). Use $weights=none to "
             "train from random initialisation, or download "
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 once on a machine with internet and "
-            "pass --weights PATH"
+            "pass $weights=PATH"
         ) from exc
     pooled = keras.layers.GlobalAveragePooling2D(name="features")(inception.output)
     # Per-feature standardisation with a shrunk variance, fitted on the training images' features by
@@ -104,54 +111,65 @@ def build_heads(tasks: tuple[str, ...] = TASKS) -> keras.Model:
     """Model from pooled features to a dict of logits, one entry per task, each the seed's top."""
     for task in tasks:
         if task not in NUM_CLASSES:
-            raise ValueError(f"unknown task {task!r}; expected organ or cancer")
+            raise ModelError(f"unknown task {task!r}; expected organ or cancer")
     features = keras.Input((FEATURE_DIM,), name="features")
     logits = {}
-    for task in tasks:
+    for task in (t for t in TASKS if t in tasks):  # canonical order, whatever order was asked for
         x = keras.layers.Dense(HEAD_UNITS, activation="relu", name=f"{task}_hidden")(features)
         x = keras.layers.Dropout(HEAD_DROPOUT, name=f"{task}_dropout")(x)
         logits[task] = keras.layers.Dense(NUM_CLASSES[task], name=task)(x)
-    return keras.Model(features, logits, name="heads")
+    return keras.Model(features, logits, name=HEADS)
 
 
 def assemble(backbone: keras.Model, heads: keras.Model, *, name: str = "joint") -> keras.Model:
-    """The end-to-end model: image -> backbone -> heads, sharing (not copying) both parts' layers.
-
-    The heads' layers are re-applied rather than nested as a sub-model, so the outputs are the layers named
-    after their task ("organ", "cancer"), which is what losses, metrics and logs are keyed by.
-    """
+    """The end-to-end model ``image -> backbone -> heads`` (both parts shared, not copied; a dict of logits out)."""
     image = keras.Input(backbone.input_shape[1:], name="image")
-    features = backbone(image)
-    logits = {}
-    for task in heads_tasks(heads):
-        x = heads.get_layer(f"{task}_hidden")(features)
-        x = heads.get_layer(f"{task}_dropout")(x)
-        logits[task] = heads.get_layer(task)(x)
-    return keras.Model(image, logits, name=name)
+    return keras.Model(image, heads(backbone(image)), name=name)
 
 
-def heads_tasks(heads: keras.Model) -> tuple[str, ...]:
-    """Tasks that a heads model (from :func:`build_heads`) has, in canonical order."""
-    names = {layer.name for layer in heads.layers}
-    return tuple(t for t in TASKS if t in names)
+@dataclass(frozen=True)
+class ModelParts:
+    """The two sub-models of a model from :func:`assemble`, and the tasks its heads answer."""
+
+    backbone: keras.Model
+    heads: keras.Model
+    tasks: tuple[str, ...]
+
+
+def model_parts(model: keras.Model) -> ModelParts:
+    """The backbone, heads and tasks of a built or loaded model; ModelError when it was not made by this module."""
+    try:
+        backbone, heads = model.get_layer(BACKBONE), model.get_layer(HEADS)
+    except ValueError:
+        raise ModelError(f"model {model.name!r} has no {BACKBONE!r} and {HEADS!r} sub-models; it was not built by "
+                         "multitask.model (or by an older multitask): retrain it") from None
+    return ModelParts(backbone=backbone, heads=heads, tasks=model_tasks(heads))
+
+
+def model_tasks(model: keras.Model) -> tuple[str, ...]:
+    """Tasks a model (or its heads) answers, in canonical order: the keys of the heads' output dict."""
+    heads = model if model.name == HEADS else model_parts(model).heads
+    outputs = heads.output if isinstance(heads.output, dict) else {}
+    return tuple(t for t in TASKS if t in outputs)
+
+
+def build_model(tasks: tuple[str, ...] = TASKS, image_size: int = 256,
+                weights: str | os.PathLike | None = "imagenet") -> keras.Model:
+    """Shared InceptionV3 backbone with one head per task: "joint" for both tasks, "single_<task>" for one."""
+    name = "joint" if set(tasks) == set(TASKS) else f"single_{tasks[0]}"
+    return assemble(build_backbone(image_size, weights), build_heads(tasks), name=name)
 
 
 def build_joint_model(image_size: int = 256, weights: str | os.PathLike | None = "imagenet") -> keras.Model:
     """Shared InceptionV3 backbone with two heads; outputs ``{"organ": (None, 9), "cancer": (None, 2)}`` logits."""
-    return assemble(build_backbone(image_size, weights), build_heads(TASKS), name="joint")
+    return build_model(TASKS, image_size, weights)
 
 
 def build_single_task_model(
     task: str, image_size: int = 256, weights: str | os.PathLike | None = "imagenet"
 ) -> keras.Model:
     """The same backbone with one head (``task`` is "organ" or "cancer"); output is ``{task: logits}``."""
-    heads = build_heads((task,))
-    return assemble(build_backbone(image_size, weights), heads, name=f"single_{task}")
-
-
-def model_tasks(model: keras.Model) -> tuple[str, ...]:
-    """Tasks a built or loaded model predicts, in the canonical order."""
-    return tuple(t for t in TASKS if t in model.output_names)
+    return build_model((task,), image_size, weights)
 
 
 def freeze_backbone(backbone: keras.Model, *, unfreeze_from: str | None = None) -> int:

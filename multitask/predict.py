@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.data import IMAGE_EXTENSIONS, image_problem, is_image_file, load_image, load_split
+from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file, load_split
 from multitask.errors import DataError, RunError
-from multitask.files import atomic_path, write_json
-from multitask.run import RunInfo, open_run
+from multitask.files import write_csv, write_json
+from multitask.rundir import RunInfo, open_run
+from multitask.settings import BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Predictor:
         logits = self.model(images, training=False)
         return {task: tf.nn.softmax(logits[task], axis=-1) for task in self.tasks}
 
-    def predict_arrays(self, images, *, batch_size: int = 32) -> dict[str, np.ndarray]:
+    def predict_arrays(self, images, *, batch_size: int = BATCH_SIZE) -> dict[str, np.ndarray]:
         """Class probabilities per task for in-memory RGB images (N, H, W, 3) in 0..255, resized if needed."""
         import tensorflow as tf
 
@@ -131,7 +132,7 @@ class Predictor:
         return {task: np.concatenate([p[task].numpy() for p in parts]).reshape(-1, len(self.labels[task]))
                 for task in self.tasks}
 
-    def predict(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 32,
+    def predict(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = BATCH_SIZE,
                 progress: bool | None = None) -> pd.DataFrame:
         """Predictions for files, folders and globs (see :func:`collect_images`); one row per file."""
         files = collect_images(inputs)
@@ -140,7 +141,7 @@ class Predictor:
                             f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         return self.predict_files(files, batch_size=batch_size, progress=progress)
 
-    def predict_files(self, files: Sequence[str], *, batch_size: int = 32,
+    def predict_files(self, files: Sequence[str], *, batch_size: int = BATCH_SIZE,
                       progress: bool | None = None) -> pd.DataFrame:
         """Predictions for exactly ``files``, in order; DataError when none of them can be read."""
         files = [str(f) for f in files]
@@ -218,19 +219,7 @@ class Predictor:
         return frame
 
     def _batches(self, files: Sequence[str], batch_size: int):
-        """(indices, images) batches; files that fail to read or decode are dropped, so their index is absent."""
-        import tensorflow as tf
-
-        autotune = tf.data.AUTOTUNE
-        size = self.image_size
-        paths = tf.constant(list(files), tf.string)  # bytes, not numpy's fixed-width unicode: small for 100k paths
-        ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64), paths))
-
-        def decode(index, path):
-            return index, load_image(path, size)
-
-        ds = ds.map(decode, num_parallel_calls=autotune)
-        return ds.ignore_errors().batch(batch_size).prefetch(autotune)
+        return indexed_images(files, image_size=self.image_size, batch_size=batch_size)
 
     def _table(self, files, probs, done, errors) -> pd.DataFrame:
         columns: dict[str, object] = {"path": files}
@@ -260,27 +249,25 @@ def write_predictions(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         raise DataError(f"cannot write predictions to {path}: use a .csv or .json file name")
     if suffix == ".json":  # via pandas' encoder (NaN -> null, numpy scalars), without its escaped slashes
         return write_json(json.loads(frame.to_json(orient="records")), path)
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-    return path
+    return write_csv(frame, path, float_format="%.6g")
 
 
 def sample_predictions(run: str | os.PathLike | RunInfo, n: int, *, split: str = "test", seed: int | None = None,
-                       batch_size: int = 32, predictor: Predictor | None = None) -> pd.DataFrame:
+                       batch_size: int = BATCH_SIZE, predictor: Predictor | None = None) -> pd.DataFrame:
     """Predictions for ``n`` random images of the run's own ``split`` beside their true labels (never train).
 
     Adds ``true_<task>`` before each predicted ``<task>`` column and a boolean ``<task>_hit`` column per task.
     """
     if split == "train":
-        raise DataError("--split train would show images the model was trained on, which says nothing about how "
-                        "it generalises; use --split test (default) or --split val")
+        raise DataError("$split train would show images the model was trained on, which says nothing about how "
+                        "it generalises; use $split test (default) or $split val")
     if n < 1:
         raise DataError(f"--sample needs a positive number of images, got {n}")
     info = run if isinstance(run, RunInfo) else open_run(run)
     manifest = load_split(info.split_path, taxonomy=info.taxonomy)
     pool = manifest[manifest["split"] == split]
     if pool.empty:
-        raise DataError(f"{info.split_path} has no {split} images; try --split test or --split val")
+        raise DataError(f"{info.split_path} has no {split} images; try $split test or $split val")
     chosen = pool.sample(n=min(n, len(pool)), random_state=np.random.default_rng(seed)).reset_index(drop=True)
     predictor = predictor or Predictor.from_run(info)
     frame = predictor.predict_files(chosen["path"].tolist(), batch_size=batch_size, progress=False)
@@ -288,36 +275,3 @@ def sample_predictions(run: str | os.PathLike | RunInfo, n: int, *, split: str =
         frame.insert(frame.columns.get_loc(task), f"true_{task}", chosen[task])
         frame[f"{task}_hit"] = frame[task] == frame[f"true_{task}"]
     return frame
-
-
-def best_time(fn, *, repeats: int = 3) -> float:
-    """Best-of-``repeats`` wall seconds of ``fn()``, after one warm-up call that absorbs tracing."""
-    import time
-
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def images_per_second(model, *, batch_size: int = 32, batches: int = 4, repeats: int = 3) -> float:
-    """Inference throughput of ``model`` on random in-memory images: best of ``repeats`` timed passes.
-
-    The forward pass is traced once (fixed input shape) and warmed up before timing, so the number measures the
-    model, not graph building or file decoding.
-    """
-    import tensorflow as tf
-
-    shape = (batch_size, *model.input_shape[1:])
-    images = tf.random.uniform(shape, 0.0, 255.0, seed=0)
-    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
-
-    def one_pass():
-        for _ in range(batches):
-            outputs = forward(images)
-        tf.nest.map_structure(lambda t: t.numpy(), outputs)  # wait for the last batch
-
-    return batch_size * batches / best_time(one_pass, repeats=repeats)

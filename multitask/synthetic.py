@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from multitask.settings import SyntheticSettings
 from multitask.taxonomy import Taxonomy, load_taxonomy
 
 DEMO_ROOT = Path("Multi Cancer") / "Multi Cancer"
@@ -109,12 +110,24 @@ def render(organ: str, malignant: bool, variant: int, rng: np.random.Generator, 
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
+def _subclass_folders(root: Path, taxonomy: Taxonomy, table=None):
+    """(index, row, folder, variant) per subclass of ``table`` (default: the whole taxonomy), folders created.
+
+    ``variant`` numbers the subclasses of one organ (0, 1, ...): it tints each subclass differently.
+    """
+    for sub_index, row in (taxonomy.table if table is None else table).iterrows():
+        folder = root / row["type_folder"] / row["subclass"]
+        folder.mkdir(parents=True, exist_ok=True)
+        same_organ = taxonomy.table[taxonomy.table["organ"] == row["organ"]]["subclass"].tolist()
+        yield sub_index, row, folder, same_organ.index(row["subclass"])
+
+
 def generate(
     out: str | os.PathLike,
     *,
-    per_class: int = 40,
-    size: int = 128,
-    seed: int = 0,
+    per_class: int = SyntheticSettings.per_class,
+    size: int = SyntheticSettings.size,
+    seed: int = SyntheticSettings.seed,
     with_bad_files: bool = False,
     taxonomy: Taxonomy | None = None,
 ) -> Path:
@@ -122,11 +135,7 @@ def generate(
     taxonomy = taxonomy or load_taxonomy()
     out = Path(out)
     root = out / DEMO_ROOT
-    for sub_index, row in taxonomy.table.iterrows():
-        folder = root / row["type_folder"] / row["subclass"]
-        folder.mkdir(parents=True, exist_ok=True)
-        siblings = taxonomy.table[taxonomy.table["organ"] == row["organ"]]["subclass"].tolist()
-        variant = siblings.index(row["subclass"])
+    for sub_index, row, folder, variant in _subclass_folders(root, taxonomy):
         for i in range(per_class):
             rng = np.random.default_rng([seed, sub_index, i])  # per-file stream: order-independent
             pixels = render(row["organ"], row["cancer"] == "Malignant", variant, rng, size)
@@ -228,11 +237,7 @@ def generate_with_siblings(
     table = taxonomy.table if subclasses is None else taxonomy.table[taxonomy.table["subclass"].isin(subclasses)]
     root = Path(out) / DEMO_ROOT
     truth: dict[str, str] = {}
-    for sub_index, row in table.iterrows():
-        folder = root / row["type_folder"] / row["subclass"]
-        folder.mkdir(parents=True, exist_ok=True)
-        same_organ = taxonomy.table[taxonomy.table["organ"] == row["organ"]]["subclass"].tolist()
-        variant = same_organ.index(row["subclass"])
+    for sub_index, row, folder, variant in _subclass_folders(root, taxonomy, table):
         order = np.random.default_rng([seed, sub_index, 1]).permutation(sources_per_class * siblings_per_source)
         for source in range(sources_per_class):
             rng = np.random.default_rng([seed, sub_index, 0, source])

@@ -1,7 +1,8 @@
 """Labels, and the table that maps each Kaggle subclass folder to (organ, malignancy).
 
 Pure data: no TensorFlow here. The default table ships as ``taxonomy.csv`` inside the package; a user can pass
-their own CSV with the same columns (e.g. to call meningioma and pituitary adenoma Benign).
+their own CSV with the same columns (e.g. to call meningioma and pituitary adenoma Benign). pandas is imported
+only where a table is read, so the label constants cost nothing to import (the CLI's parser uses them).
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from multitask.errors import TaxonomyError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ORGAN_LABELS: tuple[str, ...] = (
     "Blood", "Brain", "Breast", "Cervix", "Colon", "Kidney", "Lung", "Lymph", "Mouth",
@@ -32,14 +35,6 @@ class Taxonomy:
 
     table: pd.DataFrame
     source: str = "default"
-
-    @property
-    def organ_labels(self) -> tuple[str, ...]:
-        return ORGAN_LABELS
-
-    @property
-    def cancer_labels(self) -> tuple[str, ...]:
-        return CANCER_LABELS
 
     def labels(self, task: str) -> tuple[str, ...]:
         """Class names of ``task`` ("organ" or "cancer") in id order."""
@@ -65,6 +60,8 @@ class Taxonomy:
     @classmethod
     def from_records(cls, records: list[dict[str, str]], *, source: str = "run") -> Taxonomy:
         """Inverse of :meth:`to_records`, validated."""
+        import pandas as pd
+
         return cls(validate(pd.DataFrame.from_records(records), origin=source), source=source)
 
 
@@ -105,6 +102,8 @@ def validate(table: pd.DataFrame, *, origin: str) -> pd.DataFrame:
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Load the packaged default table, or a user CSV with the same columns."""
+    import pandas as pd
+
     if path is None:
         with resources.files("multitask").joinpath("taxonomy.csv").open("r", encoding="utf-8") as fh:
             return Taxonomy(validate(pd.read_csv(fh, dtype=str), origin="default taxonomy"))

@@ -34,7 +34,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from multitask import data, model, synthetic  # noqa: E402
-from multitask.predict import best_time, images_per_second  # noqa: E402
+from multitask.benchmarking import best_time, images_per_second  # noqa: E402
 
 
 def bench_dual_prediction(image_size: int, batch_size: int, batches: int, repeats: int) -> dict:

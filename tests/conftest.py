@@ -46,18 +46,30 @@ def real_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
-def joint_run(demo_split_csv, tmp_path_factory) -> Path:
-    """A finished joint run at IMAGE_SIZE trained 4 epochs on demo_data's train split (tests/helpers.make_run)."""
-    from helpers import make_run
+def feature_cache(tmp_path_factory) -> Path:
+    """One feature cache for the session's runs (same seed, same random backbone: its features are reused)."""
+    return tmp_path_factory.mktemp("feature-cache")
 
-    return make_run(tmp_path_factory.mktemp("joint_run"), split_csv=demo_split_csv, task="joint",
-                    image_size=IMAGE_SIZE, epochs=4)
+
+def tiny_run(out: Path, split_csv: Path, cache: Path, **settings) -> Path:
+    """A real finished run from ``multitask train`` at IMAGE_SIZE with a random-init backbone."""
+    from multitask.settings import TrainConfig
+    from multitask.train import train
+
+    config = TrainConfig(out=str(out), split_file=str(split_csv), weights="none", image_size=IMAGE_SIZE,
+                         cache_dir=str(cache), verbose=0, **settings)
+    return train(config).path
 
 
 @pytest.fixture(scope="session")
-def cancer_run(demo_split_csv, tmp_path_factory) -> Path:
-    """A finished, untrained single-task cancer run at IMAGE_SIZE (tests/helpers.make_run)."""
-    from helpers import make_run
+def joint_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
+    """A finished joint run at IMAGE_SIZE: the heads trained 8 epochs on demo_data's train split."""
+    return tiny_run(tmp_path_factory.mktemp("joint") / "run", demo_split_csv, feature_cache, epochs=8,
+                    learning_rate=3e-3, patience=8)
 
-    return make_run(tmp_path_factory.mktemp("cancer_run"), split_csv=demo_split_csv, task="cancer",
-                    image_size=IMAGE_SIZE)
+
+@pytest.fixture(scope="session")
+def cancer_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
+    """A finished single-task cancer run at IMAGE_SIZE, trained one epoch."""
+    return tiny_run(tmp_path_factory.mktemp("cancer") / "run", demo_split_csv, feature_cache, task="cancer",
+                    epochs=1)

@@ -13,15 +13,12 @@ import pytest
 from PIL import Image
 
 from multitask import cli
+from multitask import grouping as grouping_module
+from multitask.audit import count_cross_split_pairs, cross_split_counts
 from multitask.data import load_split, save_split, scan, split_manifest
 from multitask.errors import DataError
-from multitask.grouping import (
-    GroupingParams,
-    connected_groups,
-    count_cross_split_pairs,
-    cross_split_counts,
-    find_sibling_groups,
-)
+from multitask.grouping import connected_groups, feature_key, find_sibling_groups
+from multitask.settings import GroupingParams
 from multitask.synthetic import augment_like_kaggle, generate_with_siblings
 
 SUBCLASSES = ["brain_glioma", "breast_benign", "lung_aca", "lymph_cll"]  # grey MRI/mammogram and colour histology
@@ -84,11 +81,26 @@ def test_groups_match_planted_siblings(siblings, grouping):
     assert grouping.pairs.loc[grouping.pairs["sibling"], "a"].size > 0
 
 
-def test_candidates_stay_within_subclass_and_near_linear(siblings, grouping):
+def test_candidates_stay_within_subclass(siblings, grouping):
     manifest, _ = siblings
     subclass = manifest["subclass"].to_numpy()
     assert (subclass[grouping.pairs["a"]] == subclass[grouping.pairs["b"]]).all()
-    assert len(grouping.pairs) <= len(manifest) * GroupingParams.k  # k per image, never all pairs
+
+
+def test_verification_work_grows_linearly_not_with_all_pairs(siblings, monkeypatch):
+    """Doubling the images per subclass doubles the geometric checks; checking all pairs would quadruple them."""
+    manifest, _ = siblings
+    calls = []
+    real = grouping_module.count_inliers
+    monkeypatch.setattr(grouping_module, "count_inliers", lambda *args: calls.append(1) or real(*args))
+    half = manifest.groupby("subclass").head(SOURCES * SIBLINGS // 2)
+    params = GroupingParams(k=4)
+    find_sibling_groups(half, params=params, workers=1)
+    small = len(calls)
+    calls.clear()
+    find_sibling_groups(manifest, params=params, workers=1)
+    all_pairs_ratio = (24 * 23 / 2) / (12 * 11 / 2)  # 4.2
+    assert 1.5 < len(calls) / small < 2.5 < all_pairs_ratio, (small, len(calls))
 
 
 def test_grouped_split_keeps_planted_siblings_together_random_does_not(siblings, tmp_path):
@@ -152,7 +164,7 @@ def test_keypoint_cache_is_reused_and_invalidated(siblings, tmp_path):
     cache = tmp_path / "cache"
     first = find_sibling_groups(rows, cache_dir=cache, workers=1)
     files = sorted(cache.rglob("*.npz"))
-    assert len(files) == 6 and files[0].parent.name == GroupingParams().feature_key()
+    assert len(files) == 6 and files[0].parent.name == feature_key(GroupingParams())
     again = find_sibling_groups(rows, cache_dir=cache, workers=1)
     assert np.array_equal(first.groups, again.groups) and len(list(cache.rglob("*.npz"))) == 6
     Image.open(rows["path"].iloc[0]).rotate(90).save(rows["path"].iloc[0])  # a changed file gets a new entry

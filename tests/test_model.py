@@ -16,9 +16,10 @@ from multitask.model import (
     build_single_task_model,
     fit_feature_scaling,
     freeze_backbone,
+    model_parts,
     model_tasks,
 )
-from multitask.run import save_model
+from multitask.rundir import save_model
 from multitask.weighting import MultiTaskTrainer, StaticWeighting
 
 RNG = np.random.default_rng(0)
@@ -37,7 +38,19 @@ def test_joint_model_outputs_logits_of_both_heads(joint):
     assert out["organ"].shape == (4, 9) and out["cancer"].shape == (4, 2)
     assert joint.input_shape == (None, IMAGE_SIZE, IMAGE_SIZE, 3)
     # logits, not probabilities: no softmax on the output layers
-    assert joint.get_layer("organ").activation is keras.activations.linear
+    assert model_parts(joint).heads.get_layer("organ").activation is keras.activations.linear
+
+
+def test_model_parts_are_the_shared_sub_models(joint):
+    """Grad-CAM, fine-tuning and export ask for the parts; they are the very layers the model runs."""
+    parts = model_parts(joint)
+    assert parts.tasks == ("organ", "cancer") and parts.backbone.output_shape == (None, FEATURE_DIM)
+    features = parts.backbone(PIXELS)
+    by_parts = parts.heads(features)
+    for task, logits in joint(PIXELS).items():
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(by_parts[task]), rtol=1e-6)
+    with pytest.raises(ModelError, match="no 'backbone' and 'heads' sub-models"):
+        model_parts(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
 
 
 def test_single_task_model_outputs_a_dict_with_one_head():
@@ -112,7 +125,7 @@ def test_unknown_unfreeze_layer_names_the_choices():
 
 
 def test_missing_weights_file_is_a_model_error(tmp_path):
-    with pytest.raises(ModelError, match="does not exist; pass --weights imagenet"):
+    with pytest.raises(ModelError, match="does not exist; pass weights=imagenet"):
         build_backbone(IMAGE_SIZE, weights=tmp_path / "nope.h5")
 
 

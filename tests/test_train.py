@@ -14,21 +14,24 @@ import pytest
 from conftest import IMAGE_SIZE
 
 from multitask import cli
-from multitask import train as train_module
-from multitask.data import load_image, load_split, scan, split_manifest
+from multitask import features as features_module
+from multitask.data import class_weights, load_image, load_split, sample_weights, scan, split_manifest
 from multitask.errors import ConfigError, ModelError, RunError
-from multitask.run import CONFIG_FILE, HISTORY_FILE, HISTORY_PLOT, MODEL_FILE, SPLIT_FILE, open_run
+from multitask.features import cached_features, extract_features
+from multitask.rundir import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    HISTORY_PLOT,
+    MARKER_FILE,
+    MODEL_FILE,
+    SPLIT_FILE,
+    STATE_DIR,
+    open_run,
+)
+from multitask.settings import TrainConfig
 from multitask.synthetic import plant_bad_files
 from multitask.taxonomy import load_taxonomy
-from multitask.train import (
-    STATE_DIR,
-    TrainConfig,
-    cached_features,
-    class_weights,
-    extract_features,
-    sample_weights,
-    train,
-)
+from multitask.train import train
 
 
 class Interrupted(RuntimeError):
@@ -133,13 +136,14 @@ def test_balanced_weights_make_every_class_count_equally(cli_joint_run):
 # ----------------------------------------------------------------------------------------------- cache and resume
 
 
-def test_single_task_run_reuses_cached_features(cli_joint_run, demo_data, cache_dir, tmp_path, caplog, monkeypatch):
+def test_single_task_run_reuses_cached_features(cli_joint_run, demo_data, cache_dir, tmp_path, caplog,
+                                                monkeypatch):
     cache_files = {p: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
 
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("features were recomputed instead of read from the cache")
 
-    monkeypatch.setattr(train_module, "extract_features", no_backbone_pass)
+    monkeypatch.setattr(features_module, "extract_features", no_backbone_pass)
     caplog.set_level(logging.INFO, logger="multitask")
     config = TrainConfig(out=str(tmp_path / "organ"), data=str(demo_data), split="random", task="organ",
                          weights="none", image_size=IMAGE_SIZE, epochs=2, cache_dir=str(cache_dir), verbose=0)
@@ -283,7 +287,7 @@ def test_feature_cache_is_keyed_by_weights_size_and_files(demo_data, tmp_path):
 
 def test_missing_weights_file_fails_before_any_work(demo_split_csv, tmp_path):
     config = small_config(tmp_path, demo_split_csv, weights=str(tmp_path / "missing.h5"))
-    with pytest.raises(ModelError, match="missing.h5 does not exist.*--weights none"):
+    with pytest.raises(ModelError, match="missing.h5 does not exist.*weights=none"):
         train(config)
     assert not (tmp_path / "run").exists()
 
@@ -292,7 +296,8 @@ def test_cli_prints_library_errors_and_exits_2(demo_split_csv, tmp_path, capsys)
     rc = cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(tmp_path / "run"),
                    "--weights", str(tmp_path / "missing.h5")])
     assert rc == 2
-    assert "multitask train: error: weights file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "multitask train: error: weights file" in err and "pass --weights=imagenet" in err  # flags, not names
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -324,7 +329,7 @@ def test_finished_run_is_not_overwritten_by_accident(cli_joint_run, demo_split_c
     _, out = cli_joint_run
     config = TrainConfig(out=str(out), split_file=str(demo_split_csv), weights="none", image_size=IMAGE_SIZE,
                          verbose=0)
-    with pytest.raises(ConfigError, match="already holds a finished run.*--overwrite"):
+    with pytest.raises(ConfigError, match="already holds a finished run.*pass overwrite"):
         train(config)
     assert open_run(out).config["status"] == "complete"
 
@@ -334,5 +339,35 @@ def test_unfinished_run_with_other_settings_is_not_resumed(demo_split_csv, tmp_p
     state = tmp_path / "run" / STATE_DIR
     state.mkdir(parents=True)
     (state / "settings.json").write_text(json.dumps({**config.to_dict(), "epochs": 5}))
+    (tmp_path / "run" / MARKER_FILE).write_text(json.dumps({"format": 1, "files": []}))
     with pytest.raises(ConfigError, match=r"unfinished run with other settings \(epochs: 5 -> 2\)"):
         train(config)
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_is_never_finished(demo_split_csv, feature_cache, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "nan"
+    rc = cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(out), "--weights", "none",
+                   "--image-size", str(IMAGE_SIZE), "--epochs", "3", "--learning-rate", "1e38",
+                   "--cache-dir", str(feature_cache)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "training diverged: the loss became" in err[0] and "Lower --learning-rate" in err[0]
+    assert not (out / CONFIG_FILE).exists() and not (out / MODEL_FILE).exists()
+    with pytest.raises(RunError, match="not a finished run"):
+        open_run(out)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--learning-rate", "inf", "--learning-rate must be a positive number, got inf"),
+    ("--fine-tune-learning-rate", "0", "--fine-tune-learning-rate must be a positive number, got 0.0"),
+])
+def test_impossible_learning_rates_are_refused_before_any_work(flag, value, message, demo_split_csv, tmp_path,
+                                                                capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(out), flag, value])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists()

@@ -10,13 +10,12 @@ import pytest
 
 from multitask.errors import ConfigError
 from multitask.model import FEATURE_DIM, build_heads
+from multitask.settings import check_loss_weights, parse_loss_weights
 from multitask.weighting import (
     MultiTaskTrainer,
     StaticWeighting,
     UncertaintyWeighting,
-    check_loss_weights,
     make_weighting,
-    parse_loss_weights,
 )
 
 RNG = np.random.default_rng(0)
@@ -55,6 +54,7 @@ def test_static_loss_is_weighted_sum_of_head_losses(heads):
     assert logs["organ_loss"] == pytest.approx(organ, rel=1e-4)
     assert logs["cancer_loss"] == pytest.approx(cancer, rel=1e-4)
     assert logs["loss"] == pytest.approx(2.0 * organ + 0.25 * cancer, rel=1e-4)
+    assert logs["task_loss"] == pytest.approx(logs["loss"], rel=1e-5)  # fixed weights: the same objective
     assert logs["organ_accuracy"] == pytest.approx(np.mean(logits["organ"].argmax(1) == LABELS["organ"]))
 
 
@@ -75,6 +75,8 @@ def test_uncertainty_loss_formula(heads):
     organ, cancer = cross_entropy(logits["organ"], LABELS["organ"]), cross_entropy(logits["cancer"], LABELS["cancer"])
     expected = math.exp(-0.7) * organ + 0.5 * 0.7 + math.exp(0.4) * cancer + 0.5 * -0.4
     assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    # The fixed objective that phases are compared on ignores the learned weights: 1 per task.
+    assert logs["task_loss"] == pytest.approx(organ + cancer, rel=1e-4)
     assert weighting.state()["loss_weights"]["organ"] == pytest.approx(math.exp(-0.7), rel=1e-6)
 
 
@@ -82,7 +84,7 @@ def test_losses_are_the_same_under_mirrored_strategy(heads):
     """Keras scales losses per replica; the trainer must undo and redo that exactly, learned terms included."""
     import tensorflow as tf
 
-    from multitask.train import make_strategy
+    from multitask.distribute import make_strategy
 
     weighting = UncertaintyWeighting()
     weighting.log_vars["organ"].assign(0.5)
@@ -96,7 +98,7 @@ def test_losses_are_the_same_under_mirrored_strategy(heads):
         learned.log_vars["organ"].assign(0.5)
         trainer = MultiTaskTrainer(mirrored_heads, learned)
         logs = evaluate(trainer, SAMPLE_WEIGHTS)
-    for key in ("loss", "organ_loss", "cancer_loss"):
+    for key in ("loss", "task_loss", "organ_loss", "cancer_loss"):
         assert logs[key] == pytest.approx(single[key], rel=1e-4), key
 
 
@@ -120,7 +122,7 @@ def test_single_head_accepts_plain_label_arrays():
     trainer = MultiTaskTrainer(build_heads(("cancer",)), StaticWeighting({"cancer": 1.0}, tasks=("cancer",)))
     trainer.compile(optimizer="adam")
     logs = trainer.evaluate(FEATURES, LABELS["cancer"], verbose=0, return_dict=True)
-    assert set(logs) == {"loss", "cancer_loss", "cancer_accuracy"}
+    assert set(logs) == {"loss", "task_loss", "cancer_loss", "cancer_accuracy"}
     assert logs["loss"] == pytest.approx(logs["cancer_loss"], rel=1e-5)
 
 
@@ -153,3 +155,24 @@ def test_loss_weights_must_train_something():
 def test_unknown_weighting_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown weighting 'magic'"):
         make_weighting("magic", tasks=("organ",), loss_weights={})
+
+
+def test_every_weighting_follows_the_protocol():
+    """Static and learned weightings answer the same questions; only learned ones have variables to restore."""
+    from multitask.settings import WEIGHTINGS
+    from multitask.weighting import METHODS, LossWeighting
+
+    assert tuple(METHODS) == WEIGHTINGS
+    static = make_weighting("static", tasks=("organ", "cancer"), loss_weights={"organ": 2.0})
+    learned = make_weighting("uncertainty", tasks=("organ", "cancer"), loss_weights={})
+    assert isinstance(static, LossWeighting) and isinstance(learned, LossWeighting)
+    assert static.values() == [] and static.log_values() == {}
+    assert static.reference_weights == {"organ": 2.0, "cancer": 1.0}
+    assert learned.reference_weights == {"organ": 1.0, "cancer": 1.0}
+    learned.log_vars["cancer"].assign(0.3)
+    saved = learned.values()
+    learned.log_vars["cancer"].assign(-1.0)
+    learned.restore(saved)
+    assert learned.log_values()["cancer_log_var"] == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="has 2 variables, got 1"):
+        learned.restore([0.0])

@@ -1,0 +1,138 @@
+"""The frozen-backbone feature cache: pooled features of every image, computed once and reused while valid.
+
+While the backbone is frozen (training phase 1), the heads see the same pooled features every epoch, so they are
+computed once per image and cached on disk. The cache key holds everything the features depend on: the
+backbone's weights (a SHA-256 of every value: ImageNet, a weights file or a seeded random init), the image size,
+and each file's path, size and mtime, plus the library versions; a stale cache is never used, and a damaged one is
+recomputed. Files that cannot be decoded are skipped, and their positions recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitask.data import indexed_images
+from multitask.errors import DataError
+from multitask.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+FEATURE_CACHE_FORMAT = 1
+SKIPPED_SHOWN = 20
+
+
+@dataclass
+class Features:
+    """Pooled backbone features of the rows of a manifest that decoded; ``rows`` are their positions."""
+
+    values: np.ndarray  # (n, FEATURE_DIM) float32
+    rows: np.ndarray  # (n,) int64 positions in the manifest the features were computed for
+    path: Path
+    skipped: list[str] = field(default_factory=list)  # files that could not be decoded
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of every weight of ``model``: the identity of ImageNet, a weights file, or a seeded random init."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(variable)).tobytes())
+    return digest.hexdigest()
+
+
+def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str) -> dict[str, Any]:
+    """What cached features depend on: backbone weights, image size, each file's path/size/mtime, versions."""
+    import keras
+    import tensorflow as tf
+
+    files = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        files.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {
+        "format": FEATURE_CACHE_FORMAT,
+        "weights": fingerprint,
+        "image_size": int(image_size),
+        "files": files.hexdigest(),
+        "count": len(paths),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+
+
+def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
+                     verbose: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features of every file that decodes, and the positions of those files in ``paths``."""
+    import keras
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: backbone(images, training=False), reduce_retracing=True)
+    progress = keras.utils.Progbar(-(-len(paths) // batch_size), verbose=verbose, unit_name="batch")
+    values, rows = [], []
+    for step, (index, images) in enumerate(indexed_images(paths, image_size=image_size, batch_size=batch_size),
+                                           start=1):
+        values.append(np.asarray(forward(images), np.float32))
+        rows.append(index.numpy())
+        progress.update(step, finalize=step == progress.target)
+    if len(values) < progress.target:  # undecodable files left the last batches short
+        progress.update(len(values), finalize=True)
+    if not rows:
+        raise DataError(f"none of the {len(paths)} images could be decoded (first: {paths[0] if paths else '-'})")
+    values, rows = np.concatenate(values), np.concatenate(rows)
+    skipped = skipped_paths(paths, rows)
+    for path in skipped[:SKIPPED_SHOWN]:
+        log.warning("skipping %s: it could not be read or decoded as an image", path)
+    if len(skipped) > SKIPPED_SHOWN:
+        log.warning("... and %d more unreadable images", len(skipped) - SKIPPED_SHOWN)
+    return values, rows
+
+
+def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
+                    cache_dir: str | os.PathLike, verbose: int = 1) -> Features:
+    """Features of ``paths`` from the cache when its key matches exactly, else computed and cached atomically."""
+    start = time.perf_counter()
+    key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone))
+    key_text = json.dumps(key, sort_keys=True)
+    path = Path(cache_dir) / f"features-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.npz"
+    log.debug("feature cache key %s", key_text)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["key"]) == key_text:
+                    log.info("reusing cached features %s", path)
+                    values, rows = stored["values"], stored["rows"]
+                    return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, exc)
+    log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
+    values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size, verbose=verbose)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, values=values, rows=rows, key=np.asarray(key_text))
+    return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start)
+
+
+def skipped_paths(paths: Sequence[str], rows: np.ndarray) -> list[str]:
+    """The entries of ``paths`` whose positions are not in ``rows`` (the files that did not decode)."""
+    return [paths[i] for i in np.setdiff1d(np.arange(len(paths)), rows)]
+
+
+def features_dataset(features: np.ndarray, labels: dict[str, np.ndarray], *, batch_size: int,
+                     sample_weight: dict[str, np.ndarray] | None = None, training: bool = False, seed: int = 0):
+    """Batches of (features, {task: labels}[, {task: weights}]) for training the heads."""
+    import tensorflow as tf
+
+    parts = (features, labels) if sample_weight is None else (features, labels, sample_weight)
+    ds = tf.data.Dataset.from_tensor_slices(parts)
+    if training:
+        ds = ds.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

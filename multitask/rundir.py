@@ -1,0 +1,334 @@
+"""The run folder's whole life: create, lock, resume, finish (for ``train``), and open (for everyone else).
+
+A finished run holds::
+
+    model.keras          the end-to-end model (raw RGB 0..255 in, dict of logits out)
+    config.json          every setting, label names, taxonomy, package versions, seed, wall time per phase
+    split.csv            the exact manifest and split the run used
+    history.csv          per-epoch metrics (CSVLogger)
+    history.png          loss and accuracy per head
+    logs/                TensorBoard logs
+    cache/               cached backbone features and keypoints (keyed, always safe to reuse or delete)
+    .multitask-run.json  the marker that says this folder is a run of ours, and which files it owns
+
+``config.json`` is written last with ``"status": "complete"``; a folder without it is an unfinished run, which
+the same command resumes from its last finished epoch (``train-state/`` holds the backups until then).
+
+What ``train`` will and will not touch: it writes only into an empty (or new) folder or into a run of its own
+(recognised by the marker). ``overwrite`` replaces a run of ours, and then only the files the run owns (the
+marker lists them); anything else in the folder stays. ``--out`` may not be the data folder, inside it, or
+contain it, and a ``--split-file`` may not sit among the files an overwrite would replace. One process at a
+time: an exclusive lock on ``.lock`` stops a second ``train`` on the same folder, which is told who holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from multitask.errors import ConfigError, RunError
+from multitask.files import atomic_path, check_free_space, remove_stale_temps, write_json
+from multitask.settings import TrainConfig
+from multitask.taxonomy import TASKS, Taxonomy
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.csv"
+HISTORY_FILE = "history.csv"
+HISTORY_PLOT = "history.png"
+STATE_DIR = "train-state"  # backups and phase results of an unfinished run; removed when the run completes
+CACHE_DIR = "cache"
+TENSORBOARD_DIR = "logs"
+MARKER_FILE = ".multitask-run.json"
+LOCK_FILE = ".lock"
+CONFIG_FORMAT = 2  # 2: the heads are a nested sub-model (multitask.model.model_parts)
+# What train writes; overwrite removes these and whatever later steps recorded with claim_files.
+TRAIN_FILES = (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT, STATE_DIR, TENSORBOARD_DIR)
+# Settings that do not change what a run computes, so a run may be resumed with other values.
+RESUMABLE_ANYWAY = ("verbose", "overwrite", "cache_dir", "strategy")
+MODEL_BYTES = 100 * 2**20  # a joint model's weights in float32; checkpoints and backups hold a few copies
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages whose behaviour a run depends on."""
+    versions = {"python": platform.python_version()}
+    for name in ("multitask", "tensorflow", "keras", "keras-cv", "numpy", "pandas", "scikit-learn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------- reading a run
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a reader needs to know about a finished run."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.config["tasks"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return self.config["labels"]
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return Taxonomy.from_records(self.config["taxonomy"], source=f"{self.path / CONFIG_FILE}")
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / SPLIT_FILE
+
+    def load_model(self):
+        """The run's Keras model, loaded with safe_mode=True."""
+        import keras
+
+        return keras.models.load_model(self.model_path, compile=False)
+
+
+def open_run(run_dir: str | os.PathLike) -> RunInfo:
+    """Check that ``run_dir`` is a finished run and return its info; RunError says what is missing."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise RunError(f"run directory {path} does not exist; train one with `multitask train --out {path}`")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise RunError(
+            f"{path} is not a finished run: {CONFIG_FILE} is missing (training never finished, or this is not a "
+            "run directory); rerun the same `multitask train` command to resume it"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{config_path} is not valid JSON ({exc})") from exc
+    missing = [k for k in ("task", "tasks", "image_size", "labels", "taxonomy") if k not in config]
+    if missing or config.get("status") != "complete":
+        raise RunError(f"{config_path} is incomplete (missing {missing or 'status=complete'}); retrain the run")
+    if config.get("format", 1) < CONFIG_FORMAT:
+        raise RunError(f"{path} was trained by an older multitask (run format {config.get('format', 1)}, this "
+                       f"version reads {CONFIG_FORMAT}); retrain it")
+    if any(t not in TASKS for t in config["tasks"]):
+        raise RunError(f"{config_path}: unknown task(s) {config['tasks']}")
+    if not (path / MODEL_FILE).is_file():
+        raise RunError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}; retrain the run")
+    return RunInfo(path=path, config=config)
+
+
+def claim_files(run_dir: str | os.PathLike, names: list[str]) -> None:
+    """Record that ``names`` (relative to the run folder) belong to the run, so an overwrite removes them too.
+
+    Evaluation, calibration and export outputs written into a run describe its model: stale once it is replaced.
+    """
+    marker = Path(run_dir) / MARKER_FILE
+    if not marker.is_file():
+        return  # not a run folder (e.g. evaluate --out elsewhere): nothing owns these files but the user
+    record = _read_marker(marker)
+    record["files"] = sorted(set(record.get("files", [])) | set(names))
+    write_json(record, marker)
+
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{marker} is damaged ({exc}); this folder cannot be recognised as a run: move what you "
+                       "want to keep and delete the folder, or choose another $out") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("files", []), list):
+        raise RunError(f"{marker} is not a run marker; choose another $out")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- writing a run
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on ``folder/.lock``, held until :meth:`release` (or the process ends)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(self._fd)
+            raise RunError(f"{folder} is in use by {holder}; wait for it to finish, or choose another $out") from None
+        holder = (f"multitask pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])})")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, holder.encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class RunDir:
+    """A run folder being written by ``train``: opened (created, resumed or replaced) under an exclusive lock.
+
+    Use as a context manager; the lock is released on exit. ``resuming`` says whether an unfinished run with the
+    same settings is being continued.
+    """
+
+    def __init__(self, path: Path, lock: RunLock, resuming: bool):
+        self.path, self._lock, self.resuming = path, lock, resuming
+
+    @classmethod
+    def open(cls, config: TrainConfig, *, needed_bytes: int = 4 * MODEL_BYTES) -> RunDir:
+        """Create or reopen ``config.out`` for training; ConfigError/RunError say why it cannot be used."""
+        out = Path(config.out).expanduser().absolute()
+        _check_inputs_outside(out, config)
+        _check_ours_or_empty(out)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out)
+        try:
+            run = cls(out, lock, resuming=False)
+            run._prepare(config, needed_bytes)
+        except BaseException:
+            lock.release()
+            raise
+        return run
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def _prepare(self, config: TrainConfig, needed_bytes: int) -> None:
+        for folder in (self.path, self.state_dir):
+            if folder.is_dir():
+                remove_stale_temps(folder)
+        if (self.path / CONFIG_FILE).is_file() and not config.overwrite:
+            raise ConfigError(f"{self.path} already holds a finished run; choose another $out, or pass $overwrite "
+                              "to replace it")
+        settings_path = self.state_dir / "settings.json"
+        if not config.overwrite and settings_path.is_file():
+            before = json.loads(settings_path.read_text(encoding="utf-8"))
+            now = config.to_dict()
+            changed = [k for k in now if k not in RESUMABLE_ANYWAY and before.get(k) != now[k]]
+            if changed:
+                diff = "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+                raise ConfigError(f"{self.path} holds an unfinished run with other settings ({diff}); rerun the "
+                                  "original command to resume it, choose another $out, or pass $overwrite to start "
+                                  "over")
+            log.info("resuming the unfinished run in %s", self.path)
+            self.resuming = True
+            return
+        try:
+            check_free_space(self.path, needed_bytes, what="training (checkpoints and the model)")
+        except OSError as exc:
+            raise RunError(str(exc.strerror)) from None
+        self._remove_owned()
+        write_json({"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": list(TRAIN_FILES)},
+                   self.path / MARKER_FILE)
+        write_json(config.to_dict(), settings_path)
+
+    def _remove_owned(self) -> None:
+        """Delete what an earlier run of ours left (train's files and the files it claimed), nothing else."""
+        marker = self.path / MARKER_FILE
+        owned = set(TRAIN_FILES) | (set(_read_marker(marker).get("files", [])) if marker.is_file() else set())
+        for name in sorted(owned):
+            target = (self.path / name).absolute()
+            if target.parent != self.path and self.path not in target.parents:
+                log.warning("not removing %s: it lies outside the run folder %s", target, self.path)
+            elif target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE_DIR
+
+    def state(self, name: str) -> Path:
+        """Path of a file of the unfinished run's state (backups, phase results)."""
+        return self.state_dir / name
+
+    def finish(self, model, record: dict[str, Any]) -> RunInfo:
+        """Save the model, write config.json last (``record`` plus status and format), drop the training state."""
+        save_model(model, self.path / MODEL_FILE)
+        write_json({"status": "complete", "format": CONFIG_FORMAT, **record}, self.path / CONFIG_FILE)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return open_run(self.path)
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Save a Keras model as ``.keras`` atomically: a crash never leaves half a model file behind."""
+    try:
+        with atomic_path(path) as tmp:
+            model.save(tmp)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RunError(f"no space left to save the model in {Path(path).parent}: free some space and rerun "
+                           "the same command (the run resumes)") from exc
+        raise
+    return Path(path)
+
+
+def _check_inputs_outside(out: Path, config: TrainConfig) -> None:
+    """The data folder and the split file must not be among what the run writes or replaces."""
+    if config.data:
+        data = Path(config.data).expanduser().resolve()
+        resolved = out.resolve()
+        if resolved == data or data in resolved.parents or resolved in data.parents:
+            raise ConfigError(f"$out {out} must not be the data folder {data}, lie inside it, or contain it: "
+                              "choose an $out outside the data")
+    if config.split_file:
+        split = Path(config.split_file).expanduser().resolve()
+        for name in TRAIN_FILES:
+            owned = (out / name).resolve()
+            if split == owned or owned in split.parents:
+                raise ConfigError(f"$split_file {split} lies among the files that a run in {out} writes; copy it "
+                                  "elsewhere first, or choose another $out")
+
+
+def _check_ours_or_empty(out: Path) -> None:
+    """Refuse a folder that holds something and is not a run of ours (no marker)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"$out {out} exists and is not a folder; choose another $out")
+    if (out / MARKER_FILE).is_file():
+        return
+    visible = [p.name for p in out.iterdir() if p.name not in (LOCK_FILE, CACHE_DIR)]
+    if visible:
+        shown = ", ".join(sorted(visible)[:5]) + (", ..." if len(visible) > 5 else "")
+        raise ConfigError(f"$out {out} is not empty ({shown}) and is not a multitask run; train never writes into "
+                          "a folder of yours: choose a new or empty $out")

@@ -1,0 +1,238 @@
+"""Every setting and default in one place: training, splitting, grouping, the demo. Standard library only.
+
+Nothing here imports TensorFlow, Keras, NumPy or pandas, so the CLI can build its parser and ``--help`` from these
+definitions without paying for them. :class:`TrainConfig` is the one source of truth for training: the CLI
+builds it, :mod:`multitask.train` consumes it, and ``config.json`` stores it, so a run can be reproduced from
+its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from multitask.errors import ConfigError
+from multitask.taxonomy import TASKS
+
+# ----------------------------------------------------------------------------------------------- choices
+
+TASK_CHOICES = ("joint", *TASKS)
+STRATEGIES = ("default", "mirrored", "multiworker")
+WEIGHTINGS = ("static", "uncertainty")
+SPLITS = ("train", "val", "test")
+SPLIT_METHODS = ("random", "grouped")
+DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one source stay in one split
+DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
+DEFAULT_SEED = 42
+MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
+BATCH_SIZE = 32  # prediction and evaluation
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with its default; ``config.json`` stores it under "settings"."""
+
+    out: str = "run"
+    data: str | None = None
+    task: str = "joint"
+    weights: str | None = "imagenet"
+    image_size: int = 256
+    batch_size: int = 32
+    epochs: int = 10
+    fine_tune_epochs: int = 0
+    unfreeze_from: str = "mixed9"
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float | None = None  # None: learning_rate / 10
+    loss_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    weighting: str = "static"
+    balance: bool = False
+    split_file: str | None = None
+    split: str = DEFAULT_SPLIT_METHOD
+    min_inliers: int | None = None  # grouped split: None = GroupingParams.min_inliers
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    seed: int = DEFAULT_SEED
+    strategy: str = "default"
+    taxonomy: str | None = None
+    allow_unknown: bool = False
+    cache_dir: str | None = None  # None: <out>/cache
+    patience: int = 3  # early stopping, in epochs without a better validation loss
+    overwrite: bool = False
+    verbose: int = 1
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS if self.task == "joint" else (self.task,)
+
+    @property
+    def fine_tune_lr(self) -> float:
+        return self.learning_rate / 10 if self.fine_tune_learning_rate is None else self.fine_tune_learning_rate
+
+    def validate(self) -> TrainConfig:
+        """Return self, or raise ConfigError naming the bad setting."""
+        checks = [
+            (self.task in TASK_CHOICES, f"$task must be one of {', '.join(TASK_CHOICES)}, got {self.task!r}"),
+            (self.weighting in WEIGHTINGS, f"$weighting must be one of {', '.join(WEIGHTINGS)}, got "
+                                           f"{self.weighting!r}"),
+            (self.strategy in STRATEGIES, f"$strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (self.split in SPLIT_METHODS, f"$split must be one of {', '.join(SPLIT_METHODS)}, got {self.split!r}"),
+            (_integer(self.image_size) and self.image_size >= MIN_IMAGE_SIZE,
+             f"$image_size {self.image_size!r} is below InceptionV3's minimum of {MIN_IMAGE_SIZE} px"),
+            (_integer(self.batch_size) and self.batch_size >= 1, f"$batch_size must be at least 1, got "
+                                                                 f"{self.batch_size!r}"),
+            (_integer(self.epochs) and self.epochs >= 1, f"$epochs must be at least 1 (the heads train first), got "
+                                                         f"{self.epochs!r}"),
+            (_integer(self.fine_tune_epochs) and self.fine_tune_epochs >= 0,
+             f"$fine_tune_epochs must be 0 or more, got {self.fine_tune_epochs!r}"),
+            (_positive(self.learning_rate), f"$learning_rate must be a positive number, got {self.learning_rate!r}"),
+            (_positive(self.fine_tune_lr), "$fine_tune_learning_rate must be a positive number, got "
+                                           f"{self.fine_tune_learning_rate!r}"),
+            (_integer(self.patience) and self.patience >= 0, f"$patience must be 0 or more, got {self.patience!r}"),
+            (bool(self.data or self.split_file), "give the dataset folder ($data) or a saved split ($split_file)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_fractions(self.fractions)
+        self.loss_weights = check_loss_weights(self.loss_weights, tasks=self.tasks)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings, tuples as lists), as config.json stores them."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (e.g. ``config.json["settings"]``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}")
+        settings = dict(settings)
+        if "fractions" in settings:
+            settings["fractions"] = tuple(settings["fractions"])
+        return cls(**settings)
+
+
+def defaults(cls) -> dict[str, Any]:
+    """``{field: default}`` of a settings dataclass (the CLI's defaults come from here)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_fractions(fractions) -> tuple[float, float, float]:
+    """Three non-negative train/val/test fractions that sum to 1 with a positive train share; else ConfigError."""
+    values = tuple(fractions)
+    if len(values) != 3 or any(not math.isfinite(f) or f < 0 for f in values) or abs(sum(values) - 1) > 1e-6:
+        raise ConfigError(f"$fractions {values} must be three non-negative numbers that sum to 1")
+    if values[0] == 0:
+        raise ConfigError("the train share of $fractions must be positive")
+    return tuple(float(f) for f in values)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- loss weights
+
+
+def check_loss_weights(loss_weights: Mapping[str, object], *, tasks: tuple[str, ...] = TASKS) -> dict[str, float]:
+    """``{task: weight}`` for every task (1.0 where not given); ConfigError for an unknown task, a bad value, or
+    weights that are all 0 on the trained ``tasks``."""
+    given = {task: _loss_weight(task, value) for task, value in loss_weights.items()}
+    out = {task: given.get(task, 1.0) for task in TASKS}
+    if not any(out[task] for task in tasks):
+        raise ConfigError(f"the loss weight of {' and '.join(tasks)} is 0 in $loss_weights: nothing would be "
+                          "trained; give a trained task a weight > 0")
+    return out
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """Parse ``"organ=1.0,cancer=0.5"`` into ``{task: weight}`` (only the tasks given); ConfigError when malformed."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"bad loss weight {part!r}: expected TASK=NUMBER, e.g. organ=1.0,cancer=0.5")
+        weights[name.strip()] = _loss_weight(name.strip(), value.strip())
+    if not weights:
+        raise ConfigError(f"no loss weights in {text!r}: expected e.g. organ=1.0,cancer=0.5")
+    return weights
+
+
+def _loss_weight(task: str, value: object) -> float:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} in loss weights; expected {' and/or '.join(TASKS)}, "
+                          "e.g. organ=1.0,cancer=0.5")
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss weight of {task} must be a number, got {value!r}") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"loss weight of {task} must be a finite number >= 0, got {value!r}")
+    return weight
+
+
+# ----------------------------------------------------------------------------------------------- grouping
+
+
+@dataclass(frozen=True)
+class GroupingParams:
+    """Every setting of sibling detection (:mod:`multitask.grouping`), with its default (the README says why)."""
+
+    k: int = 8  # candidates per image
+    min_inliers: int = 30  # unrelated images of one class reach ~11-27 inliers; most siblings 40-300
+    keypoints: int = 500  # ORB features per orientation
+    image_side: int = 256  # images are resized to this square before detection
+    ratio: float = 0.8  # Lowe's ratio test
+    ransac_px: float = 4.0  # RANSAC reprojection threshold, in pixels at image_side
+    hash_tables: int = 2  # bag of words: tables of hash_bits sampled descriptor bits each
+    hash_bits: int = 12
+
+    def __post_init__(self):
+        problems = [f"{name} must be at least {low}, got {getattr(self, name)}" for name, low in
+                    (("k", 1), ("min_inliers", 3), ("keypoints", 10), ("image_side", 64), ("hash_tables", 1),
+                     ("hash_bits", 4)) if getattr(self, name) < low]
+        if self.hash_bits > 16:
+            problems.append(f"hash_bits must be at most 16, got {self.hash_bits}")
+        if not 0 < self.ratio < 1:
+            problems.append(f"ratio must be between 0 and 1, got {self.ratio}")
+        if problems:
+            raise ConfigError("invalid grouping settings: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+@dataclass
+class SyntheticSettings:
+    """The synthetic demo dataset (:func:`multitask.synthetic.generate`)."""
+
+    per_class: int = 40  # images per subclass
+    size: int = 128  # image side in pixels
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig:
+    """``multitask demo``: synthetic data -> a joint run -> evaluation -> a few predictions."""
+
+    out: str = "artifacts/demo"
+    weights: str | None = None  # offline: random initialisation
+    per_class: int = 30
+    image_size: int = 96
+    epochs: int = 15
+    n_predict: int = 8
+    seed: int = DEFAULT_SEED
+    verbose: int = 1
