@@ -259,7 +259,10 @@ def _columns(y_true, columns, strata) -> tuple[list[np.ndarray], np.ndarray]:
     arrays = [np.asarray(y_true), *(np.asarray(column) for column in columns)]
     if any(len(array) != len(arrays[0]) for array in arrays) or len(arrays[0]) == 0:
         raise ValueError(f"columns must be non-empty and of equal length, got {[len(a) for a in arrays]}")
-    return arrays, arrays[0] if strata is None else np.asarray(strata).ravel()
+    strata = arrays[0] if strata is None else np.asarray(strata).ravel()
+    if len(strata) != len(arrays[0]):
+        raise ValueError(f"expected one stratum per row ({len(arrays[0])}), got {len(strata)}")
+    return arrays, strata
 
 
 def bootstrap_intervals(metric_fns: Mapping[str, MetricFn] | Callable[..., Mapping[str, Any]], y_true, *columns,
@@ -289,8 +292,9 @@ def classification_intervals(y_true, probs, *, strata=None, positive: int = 1, t
                              n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list | None]:
     """:func:`bootstrap_intervals` of :func:`classification_metrics`: the same resamples, computed all at once.
 
-    Each resample is a row of counts (how often each image was drawn), so every metric of a block of resamples is
-    one matrix product; with the same ``seed`` (and strata) the resamples match :func:`bootstrap_intervals`'.
+    Each resample becomes a row of counts (how often each image was drawn), so a block of 100 resamples costs a few
+    weighted bincounts rather than 100 calls; with the same ``seed`` and strata the resamples are
+    :func:`bootstrap_intervals`' own (tested: equal intervals).
     """
     (y_true, probs), strata = _columns(y_true, [probs], strata)
     values: dict[str, list[np.ndarray]] = {}
