@@ -103,6 +103,8 @@ def test_reliability_table_bins_by_top_confidence():
     assert np.isnan(table.loc[0, "accuracy"])
     expected = (3 * abs(2 / 3 - 2.9 / 3) + 1 * abs(1 - 0.55)) / 4
     assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    # Bins are right-closed, (lo, hi] as in Guo et al.: a confidence of exactly 0.6 = 9/15 falls in bin 8.
+    assert reliability_table([[0.6, 0.4]], [0])["count"].tolist()[8] == 1
 
 
 def test_reliability_figure_draws_each_table_and_the_diagonal(tmp_path):
