@@ -29,6 +29,7 @@ from scipy import special
 from scipy.optimize import minimize_scalar
 
 from multitask.errors import ConfigError, DataError
+from multitask.taxonomy import CANCER_LABELS, MALIGNANT
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +375,40 @@ def format_interval(value: float | None, lo: float | None = None, hi: float | No
     if lo is None or hi is None:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+# ----------------------------------------------------------------------------------------------- a run's calibration
+
+
+def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *, tasks: tuple[str, ...],
+                    target_sensitivity: float) -> dict[str, Any]:
+    """A run's calibration from its validation logits: a temperature per head and, for the cancer head, the highest
+    malignancy threshold (on calibrated P(Malignant)) whose validation sensitivity reaches ``target_sensitivity``.
+    """
+    temperatures = {t: fit_temperature(logits[t], labels[t]) for t in tasks}
+    validation: dict[str, Any] = {"images": int(len(next(iter(labels.values()))))}
+    for task in tasks:
+        validation[f"{task}_ece_uncalibrated"] = expected_calibration_error(softmax(logits[task]), labels[task])
+        validation[f"{task}_ece"] = expected_calibration_error(softmax(logits[task], temperatures[task]),
+                                                               labels[task])
+    threshold = None
+    if "cancer" in tasks:
+        positive = CANCER_LABELS.index(MALIGNANT)
+        p_malignant = softmax(logits["cancer"], temperatures["cancer"])[:, positive]
+        is_malignant = np.asarray(labels["cancer"]) == positive
+        if is_malignant.any():
+            threshold = choose_threshold(p_malignant, is_malignant, target_sensitivity=target_sensitivity)
+            sensitivity, specificity = sensitivity_specificity(p_malignant, is_malignant, threshold)
+            validation.update(sensitivity=sensitivity, specificity=specificity)
+        else:
+            log.warning("no malignant validation images: the malignancy threshold stays at 0.5")
+    return calibration_record(temperatures, threshold, target_sensitivity, validation)
+
+
+def calibration_record(temperatures: Mapping[str, float], threshold: float | None, target_sensitivity: float,
+                       validation: Mapping[str, Any]) -> dict[str, Any]:
+    """What config.json stores under "calibration" (read back by :class:`multitask.rundir.RunInfo`)."""
+    return {"method": "temperature scaling per head, fitted on the validation split",
+            "temperatures": {t: float(v) for t, v in temperatures.items()},
+            "malignancy_threshold": None if threshold is None else float(threshold),
+            "target_sensitivity": float(target_sensitivity), "validation": dict(validation)}

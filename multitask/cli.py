@@ -19,6 +19,10 @@ from multitask.errors import MultitaskError, cli_message
 from multitask.settings import (
     BATCH_SIZE,
     DEFAULT_SPLIT_METHOD,
+    ENGINES,
+    EXPORT_CALIBRATION_IMAGES,
+    EXPORT_CHECK_IMAGES,
+    EXPORT_FORMATS,
     SPLIT_METHODS,
     SPLITS,
     STRATEGIES,
@@ -248,7 +252,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where backbone features are cached (default RUN_DIR/cache)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation loss (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
+    p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity,
+                   help="the malignancy threshold is chosen on the validation split as the highest one whose "
+                        "sensitivity (Malignant recall) reaches this (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of ours in --out (only the files it owns; other files stay)")
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / predict
@@ -295,28 +303,34 @@ def run_predict(args: argparse.Namespace) -> int:
     if bool(args.paths) == (args.sample is not None):
         print("multitask predict: error: give image PATHs or --sample N (not both, not neither)", file=sys.stderr)
         return 2
+    predictor = Predictor.from_run(args.run_dir, engine=args.engine, calibrated=not args.uncalibrated,
+                                   threshold=args.threshold)
     if args.sample is not None:
         frame = sample_predictions(args.run_dir, args.sample, split=args.split, seed=args.seed,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, predictor=predictor)
         table = frame.set_index(frame["path"].map(os.path.basename).rename("file"))
         _print_table(f"{len(frame)} random {args.split} images: true vs predicted",
                      table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"))
         hits = [c for c in frame.columns if c.endswith("_hit")]
         print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
     else:
-        predictor = Predictor.from_run(args.run_dir)
-        frame = predictor.predict(args.paths, batch_size=args.batch_size)
+        frame = predictor.predict(args.paths, batch_size=args.batch_size, reject_ood=args.reject_ood)
         if args.explain:
             frame = predictor.write_explanations(frame, args.explain)
             print(f"wrote Grad-CAM overlays to {args.explain}")
-        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_"))]
+        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_")) or c == "malignancy_threshold"]
         shown = frame.drop(columns=hidden).round(3).fillna("")
         if not args.out:
             print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
             if len(frame) > PREDICT_ROWS_SHOWN:
                 print(f"... {len(frame) - PREDICT_ROWS_SHOWN} more rows; pass --out FILE.csv to save them all")
     failed = int(frame["error"].notna().sum())
-    print(f"\npredicted {len(frame) - failed} of {len(frame)} file(s)" + (f"; {failed} unreadable" if failed else ""))
+    flagged = int(frame["ood"].sum()) if "ood" in frame.columns else 0
+    print(f"\npredicted {len(frame) - failed} of {len(frame)} file(s)" + (f"; {failed} unreadable" if failed else "")
+          + (f"; {flagged} unlike the training images (ood)" if flagged else ""))
+    if "cancer" in predictor.tasks:
+        print(f"Malignant when P(Malignant) >= {predictor.threshold:.3f}"
+              + (" (--threshold)" if args.threshold is not None else " (the run's operating point)"))
     if args.out:
         print(f"wrote {write_predictions(frame, args.out)}")
     return 0
@@ -341,6 +355,45 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
     p.add_argument("--explain", metavar="DIR",
                    help="also write a Grad-CAM overlay PNG per image and head into DIR (adds explain_* columns)")
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="runtime of the forward pass: keras (default), onnx (fp32) or int8, from RUN/export/, "
+                        "exported first when missing or stale; the columns are the same")
+    p.add_argument("--reject-ood", action="store_true",
+                   help="give no organ/cancer answer for images unlike the training images (ood), with a note")
+    add_operating_point_options(p)
+
+
+def add_operating_point_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="show the raw softmax probabilities instead of the calibrated ones (keras engine)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="call an image Malignant when P(Malignant) >= P (default: the run's operating point, "
+                        "chosen on validation for its target sensitivity; 0.5 with --uncalibrated)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from multitask.export import LABELS_FILE, export_run
+
+    result = export_run(args.run_dir, format=args.format, out=args.out, calibration=args.calibration,
+                        check_images=args.check_images)
+    print(f"self-check on {result.images} of the run's val/test images against the Keras model:")
+    for name, diff in result.max_abs_diff.items():
+        agreement = result.argmax_agreement.get(name)
+        shown = f", argmax agreement {agreement:.1%}" if agreement is not None else ""
+        print(f"  {name:<12} max |difference| {diff:.2e}{shown}")
+    print(f"wrote {result.artifact}\nwrote {result.path / LABELS_FILE} and export.json ({result.seconds:.0f} s)")
+    return 0
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="tf_saved_model (TF Serving), onnx (fp32: ONNX Runtime, OpenVINO...) or int8 (quantised)")
+    p.add_argument("--out", help="folder to write (default RUN/export/FORMAT/)")
+    p.add_argument("--calibration", type=int, default=EXPORT_CALIBRATION_IMAGES, metavar="N",
+                   help="int8: calibrate on N images of the run's training split (default %(default)s)")
+    p.add_argument("--check-images", type=int, default=EXPORT_CHECK_IMAGES, metavar="N",
+                   help="check the export on N of the run's test/val images (default %(default)s)")
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -406,6 +459,8 @@ COMMANDS: dict[str, Command] = {
                         add_evaluate, run_evaluate),
     "predict": Command("predict organ and benign/malignant for image files, folders or globs with a finished run",
                        add_predict, run_predict),
+    "export": Command("export a run as a TF SavedModel, ONNX (fp32) or int8 model, checked against Keras",
+                      add_export, run_export),
     "demo": Command("offline demo: synthetic data -> train the joint model -> evaluate -> predict (a few minutes)",
                     add_demo, run_demo),
 }

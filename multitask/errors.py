@@ -46,3 +46,7 @@ class ConfigError(MultitaskError):
 
 class TrainingError(MultitaskError):
     """Training cannot go on (e.g. the loss became NaN); nothing is saved as a finished run."""
+
+
+class ExportError(MultitaskError):
+    """An export could not be written or does not reproduce the Keras model closely enough."""

@@ -37,6 +37,7 @@ from multitask.errors import DataError
 from multitask.files import save_figure, write_csv, write_json, write_text
 from multitask.rundir import RunInfo, open_run
 from multitask.settings import BATCH_SIZE
+from multitask.taxonomy import MALIGNANT as POSITIVE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "eval_predictions.csv"
 EXPLAIN_FILE = "explain.png"
-POSITIVE_LABEL = "Malignant"
 FIGURE_DPI = 100
 
 

@@ -30,7 +30,7 @@ from multitask.settings import MIN_IMAGE_SIZE
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, TASKS
 
 BACKBONE, HEADS = "backbone", "heads"  # the sub-models of every model built here
-FEATURE_SCALING = "feature_scaling"
+POOLED, FEATURE_SCALING = "features", "feature_scaling"  # the backbone's last two layers
 FEATURE_DIM = 2048
 NUM_CLASSES = {"organ": len(ORGAN_LABELS), "cancer": len(CANCER_LABELS)}
 HEAD_UNITS = 256
@@ -74,7 +74,7 @@ def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "i
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 once on a machine with internet and "
             "pass $weights=PATH"
         ) from exc
-    pooled = keras.layers.GlobalAveragePooling2D(name="features")(inception.output)
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOLED)(inception.output)
     # Per-feature standardisation with a shrunk variance, fitted on the training images' features by
     # fit_feature_scaling (the identity until then). Pooled features of a randomly initialised InceptionV3 are
     # ~1e-4 in size, too small for the heads to learn from; pretrained features span very different scales and

@@ -1,12 +1,18 @@
-"""Predictor: load a finished run, stream image files through tf.data, one forward pass for both heads.
+"""Predictor: load a finished run, stream image files through tf.data, one forward pass answers everything.
 
 The output is a DataFrame with one row per input file, in input order::
 
-    path, organ, organ_prob, cancer, cancer_prob, p_organ_<Label>..., p_cancer_<Label>..., error
+    path, organ, organ_prob, cancer, cancer_prob, malignancy_threshold, ood_score, ood, note,
+    p_organ_<Label>..., p_cancer_<Label>..., error
 
-``organ`` / ``cancer`` are the predicted class names (argmax), ``*_prob`` their probabilities, and
-``p_<task>_<Label>`` the softmax of each head's logits over every class (so each task's ``p_`` columns sum to 1).
-A single-task run has only its own task's columns. ``error`` is missing (``frame["error"].isna()``) for a
+``organ`` is the most probable organ and ``organ_prob`` its probability. ``cancer`` is Malignant when
+P(Malignant) >= ``malignancy_threshold`` (the run's operating point, chosen on validation for a target
+sensitivity; 0.5 for a run without one), and ``cancer_prob`` is the probability of that answer. ``p_<task>_<Label>``
+are every class's probabilities (each task's sum to 1). Probabilities are calibrated (temperature-scaled per head)
+unless the predictor was made with ``calibrated=False``. ``ood_score`` says how unlike the training images the
+input is, and ``ood`` whether it exceeds the run's threshold; with ``reject_ood`` such rows get no ``organ`` or
+``cancer`` answer and a ``note`` that says why. A single-task run has only its own task's columns; a run without
+an out-of-distribution detector has no ``ood`` columns. ``error`` is missing (``frame["error"].isna()``) for a
 predicted file and says why otherwise (missing, empty, truncated, not an image); such rows have no prediction.
 
 Unreadable files are found by TensorFlow's own decoder, the one the model is fed with: the pipeline decodes
@@ -31,16 +37,20 @@ import numpy as np
 import pandas as pd
 
 from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file, load_split
-from multitask.errors import DataError, RunError
+from multitask.engines import Engine
+from multitask.errors import ConfigError, DataError, RunError
 from multitask.files import write_csv, write_json
+from multitask.inference import OOD_SCORE
 from multitask.rundir import RunInfo, open_run
 from multitask.settings import BATCH_SIZE
+from multitask.taxonomy import MALIGNANT
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".csv", ".json")
 TF_ONLY_PROBLEM = "TensorFlow cannot decode it (damaged, or an image format it does not read)"
 GLOB_CHARS = frozenset("*?[")
+DEFAULT_THRESHOLD = 0.5  # the malignancy threshold of a run that has none (e.g. trained without validation images)
 
 
 def probability_column(task: str, label: str) -> str:
@@ -84,77 +94,83 @@ def _images_under(folder: str) -> list[str]:
 
 
 class Predictor:
-    """A run's Keras model plus its label names and input size; turns image files into a predictions table."""
+    """A run's inference engine plus its labels, operating point and input size: image files in, a table out."""
 
-    def __init__(self, model, *, labels: dict[str, Sequence[str]], image_size: int):
-        import tensorflow as tf
-
-        from multitask.model import model_tasks
-
-        self.model = model
-        self.tasks = model_tasks(model)
+    def __init__(self, engine: Engine, *, labels: dict[str, Sequence[str]], threshold: float | None = None,
+                 ood_threshold: float | None = None, model=None):
+        self.engine = engine
+        self.tasks = engine.tasks
         missing = [t for t in self.tasks if t not in labels]
         if not self.tasks or missing:
-            raise RunError(f"model outputs {list(model.output_names)} do not match the run's labels {list(labels)}")
+            raise RunError(f"engine outputs {list(engine.output_names)} do not match the run's labels {list(labels)}")
         self.labels = {task: tuple(labels[task]) for task in self.tasks}
-        self.image_size = int(image_size)
-        # One trace for every batch size (the last batch is smaller): the batch dimension is left open.
-        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
-        self._probabilities = tf.function(self._softmax, input_signature=[spec])
+        self.image_size = engine.image_size
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"$threshold must be a probability between 0 and 1, got {threshold}")
+        self.ood_threshold = ood_threshold if OOD_SCORE in engine.output_names else None
+        self.model = model  # the run's Keras model, for Grad-CAM
         self._gradcam = None  # built on first use: most predictions need no gradients
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike | RunInfo) -> Predictor:
-        """Load a finished run's model (``run.open_run`` explains what is missing if it is not one)."""
+    def from_run(cls, run: str | os.PathLike | RunInfo, *, engine: str = "keras", calibrated: bool = True,
+                 threshold: float | None = None) -> Predictor:
+        """Load a finished run (``rundir.open_run`` says what is missing if it is not one) with its ``engine``
+        (keras, onnx, int8: the latter two are exported on first use) and its own operating point, unless
+        ``threshold`` overrides it. ``calibrated=False`` shows the raw softmax (keras engine only), judged at 0.5
+        unless ``threshold`` is given: the run's threshold was chosen on calibrated probabilities."""
+        from multitask.export import load_engine
+
         info = run if isinstance(run, RunInfo) else open_run(run)
-        predictor = cls(info.load_model(), labels=info.labels, image_size=info.image_size)
-        if set(predictor.tasks) != set(info.tasks):
-            raise RunError(f"{info.model_path} predicts {predictor.tasks} but {info.path} says {info.tasks}")
-        return predictor
-
-    def _softmax(self, images):
-        import tensorflow as tf
-
-        logits = self.model(images, training=False)
-        return {task: tf.nn.softmax(logits[task], axis=-1) for task in self.tasks}
+        if not calibrated and engine != "keras":
+            raise ConfigError(f"$uncalibrated needs the keras engine: the {engine} export holds the calibrated graph")
+        model = info.load_model()
+        runtime = load_engine(info, engine, model=model, calibrated=calibrated)
+        if set(runtime.tasks) != set(info.tasks):
+            raise RunError(f"{info.model_path} predicts {runtime.tasks} but {info.path} says {info.tasks}")
+        if threshold is None and calibrated:
+            threshold = info.malignancy_threshold
+        return cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold, model=model)
 
     def predict_arrays(self, images, *, batch_size: int = BATCH_SIZE) -> dict[str, np.ndarray]:
-        """Class probabilities per task for in-memory RGB images (N, H, W, 3) in 0..255, resized if needed."""
+        """The engine's outputs (probabilities per task, ``ood_score``) for in-memory RGB images (N, H, W, 3) in
+        0..255, resized as :func:`multitask.data.load_image` does if needed."""
         import tensorflow as tf
 
         images = tf.convert_to_tensor(images, tf.float32)
         if images.shape.rank != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected RGB images of shape (N, H, W, 3), got {tuple(images.shape)}")
         if tuple(images.shape[1:3]) != (self.image_size, self.image_size):  # as data.load_image does
-            images = tf.image.resize(images, (self.image_size, self.image_size), antialias=True)
-            images = tf.clip_by_value(images, 0.0, 255.0)
-        parts = [self._probabilities(images[i: i + batch_size]) for i in range(0, int(images.shape[0]), batch_size)]
-        return {task: np.concatenate([p[task].numpy() for p in parts]).reshape(-1, len(self.labels[task]))
-                for task in self.tasks}
+            images = tf.clip_by_value(tf.image.resize(images, (self.image_size, self.image_size), antialias=True),
+                                      0.0, 255.0)
+        parts = [self.engine(images[i: i + batch_size].numpy()) for i in range(0, int(images.shape[0]), batch_size)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.engine.output_names}
 
     def predict(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = BATCH_SIZE,
-                progress: bool | None = None) -> pd.DataFrame:
+                progress: bool | None = None, reject_ood: bool = False) -> pd.DataFrame:
         """Predictions for files, folders and globs (see :func:`collect_images`); one row per file."""
         files = collect_images(inputs)
         if not files:
             raise DataError("no image files found in the given paths; pass image files, folders or globs "
                             f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return self.predict_files(files, batch_size=batch_size, progress=progress)
+        return self.predict_files(files, batch_size=batch_size, progress=progress, reject_ood=reject_ood)
 
-    def predict_files(self, files: Sequence[str], *, batch_size: int = BATCH_SIZE,
-                      progress: bool | None = None) -> pd.DataFrame:
+    def predict_files(self, files: Sequence[str], *, batch_size: int = BATCH_SIZE, progress: bool | None = None,
+                      reject_ood: bool = False) -> pd.DataFrame:
         """Predictions for exactly ``files``, in order; DataError when none of them can be read."""
         files = [str(f) for f in files]
         if not files:
             raise DataError("no files to predict")
-        probs = {task: np.full((len(files), len(self.labels[task])), np.nan, np.float32) for task in self.tasks}
+        outputs = {name: None for name in self.engine.output_names}
         done = np.zeros(len(files), bool)
         show = progress if progress is not None else len(files) > 10 * batch_size
         bar = _progress_bar(len(files)) if show else None
-        for index, images in self._batches(files, batch_size):
+        for index, images in indexed_images(files, image_size=self.image_size, batch_size=batch_size):
             index = index.numpy()
-            for task, p in self._probabilities(images).items():
-                probs[task][index] = p.numpy()
+            for name, value in self.engine(images).items():
+                if outputs[name] is None:
+                    outputs[name] = np.full((len(files), *value.shape[1:]), np.nan, np.float32)
+                outputs[name][index] = value
             done[index] = True
             if bar is not None:
                 bar.update(int(index[-1]) + 1)
@@ -168,7 +184,60 @@ class Predictor:
         for path, why in problems.items():
             log.warning("cannot predict %s: %s", path, why)
         errors = [None if ok else problems[path] for path, ok in zip(files, done, strict=True)]
-        return self._table(files, probs, done, errors)
+        return self.table(files, outputs, errors, reject_ood=reject_ood)
+
+    def predict_images(self, images: Sequence[np.ndarray], names: Sequence[str], *,
+                       reject_ood: bool = False) -> pd.DataFrame:
+        """The :meth:`predict_files` table for decoded images (any size, RGB 0..255), one row per name."""
+        resized = [self._resize(image) for image in images]
+        outputs = self.predict_arrays(np.stack(resized)) if resized else {}
+        return self.table(list(names), outputs, [None] * len(names), reject_ood=reject_ood)
+
+    def _resize(self, image) -> np.ndarray:
+        import tensorflow as tf
+
+        image = tf.convert_to_tensor(image, tf.float32)
+        if tuple(image.shape[:2]) != (self.image_size, self.image_size):
+            image = tf.clip_by_value(tf.image.resize(image, (self.image_size, self.image_size), antialias=True),
+                                     0.0, 255.0)
+        return image.numpy()
+
+    def table(self, names: Sequence[str], outputs: dict[str, np.ndarray | None], errors: Sequence[str | None], *,
+              reject_ood: bool = False) -> pd.DataFrame:
+        """The predictions table (see the module docstring) from the engine's outputs, one row per name."""
+        n = len(names)
+        done = np.array([e is None for e in errors], bool)
+        probs = {t: outputs[t] if outputs.get(t) is not None else np.full((n, len(self.labels[t])), np.nan)
+                 for t in self.tasks}
+        columns: dict[str, object] = {"path": list(names)}
+        if "organ" in self.tasks:
+            labels = np.asarray(self.labels["organ"], object)
+            best = np.nan_to_num(probs["organ"], nan=-1.0).argmax(axis=1)
+            columns["organ"] = np.where(done, labels[best], None)
+            columns["organ_prob"] = probs["organ"].max(axis=1)
+        if "cancer" in self.tasks:
+            malignant = self.labels["cancer"].index(MALIGNANT)
+            p_malignant = probs["cancer"][:, malignant]
+            decision = np.where(p_malignant >= self.threshold, malignant, 1 - malignant)
+            columns["cancer"] = np.where(done, np.asarray(self.labels["cancer"], object)[decision], None)
+            columns["cancer_prob"] = np.where(decision == malignant, p_malignant, 1 - p_malignant)
+            columns["malignancy_threshold"] = self.threshold
+        note = np.full(n, None, object)
+        if self.ood_threshold is not None:
+            score = outputs[OOD_SCORE] if outputs.get(OOD_SCORE) is not None else np.full(n, np.nan)
+            flagged = done & (score > self.ood_threshold)
+            columns["ood_score"], columns["ood"] = score, flagged
+            why = f"unlike the training images (ood_score above {self.ood_threshold:.3g})"
+            note[flagged] = f"{why}: answers withheld" if reject_ood else f"{why}: treat the answers with caution"
+            if reject_ood:
+                for task in self.tasks:
+                    columns[task] = np.where(flagged, None, columns[task])
+        columns["note"] = note
+        for task in self.tasks:
+            for j, label in enumerate(self.labels[task]):
+                columns[probability_column(task, label)] = probs[task][:, j]
+        columns["error"] = list(errors)
+        return pd.DataFrame(columns)
 
     @property
     def gradcam(self):
@@ -176,6 +245,8 @@ class Predictor:
         from multitask.explain import GradCam
 
         if self._gradcam is None:
+            if self.model is None:
+                raise RunError("Grad-CAM needs the run's Keras model: make the predictor with Predictor.from_run")
             self._gradcam = GradCam(self.model)
         return self._gradcam
 
@@ -184,7 +255,8 @@ class Predictor:
 
         Unreadable files are skipped (their index is absent); see :mod:`multitask.explain` for the method.
         """
-        for index, images in self._batches([str(f) for f in files], batch_size):
+        for index, images in indexed_images([str(f) for f in files], image_size=self.image_size,
+                                            batch_size=batch_size):
             cams, predicted = self.gradcam(images)
             yield index.numpy(), images.numpy(), cams, predicted
 
@@ -217,22 +289,6 @@ class Predictor:
                     path = save_overlay(image, {task: cams[task][i]}, {task: title}, out_dir / f"{stem}_{task}.png")
                     frame.at[row, f"explain_{task}"] = str(path)
         return frame
-
-    def _batches(self, files: Sequence[str], batch_size: int):
-        return indexed_images(files, image_size=self.image_size, batch_size=batch_size)
-
-    def _table(self, files, probs, done, errors) -> pd.DataFrame:
-        columns: dict[str, object] = {"path": files}
-        for task in self.tasks:
-            labels = np.asarray(self.labels[task], object)
-            best = np.nan_to_num(probs[task], nan=-1.0).argmax(axis=1)
-            columns[task] = np.where(done, labels[best], None)
-            columns[f"{task}_prob"] = probs[task].max(axis=1)  # NaN where the file could not be read
-        for task in self.tasks:
-            for j, label in enumerate(self.labels[task]):
-                columns[probability_column(task, label)] = probs[task][:, j]
-        columns["error"] = errors
-        return pd.DataFrame(columns)
 
 
 def _progress_bar(total: int):

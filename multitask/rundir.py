@@ -50,6 +50,8 @@ CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.csv"
 HISTORY_PLOT = "history.png"
+EXPORT_DIR = "export"  # checked exports of the model (multitask.export)
+OOD_FILE = "ood.json"  # the out-of-distribution detector (arrays beside it in ood.npz)
 STATE_DIR = "train-state"  # backups and phase results of an unfinished run; removed when the run completes
 CACHE_DIR = "cache"
 TENSORBOARD_DIR = "logs"
@@ -111,6 +113,39 @@ class RunInfo:
     @property
     def split_path(self) -> Path:
         return self.path / SPLIT_FILE
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """What train fitted on the validation split (multitask.calibration): temperatures, threshold."""
+        return self.config.get("calibration") or {}
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """Per-head temperatures (1 for a run that has none)."""
+        fitted = self.calibration.get("temperatures") or {}
+        return {task: float(fitted.get(task, 1.0)) for task in self.tasks}
+
+    @property
+    def malignancy_threshold(self) -> float | None:
+        """The operating point on calibrated P(Malignant), or None for a run without one."""
+        value = self.calibration.get("malignancy_threshold")
+        return None if value is None else float(value)
+
+    @property
+    def ood_path(self) -> Path:
+        return self.path / OOD_FILE
+
+    def load_ood(self):
+        """The run's out-of-distribution detector (multitask.ood), or None for a run without one."""
+        if not self.ood_path.is_file():
+            return None
+        from multitask.ood import OodDetector
+
+        return OodDetector.from_json(self.ood_path)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return (self.config.get("ood") or {}).get("threshold")
 
     def load_model(self):
         """The run's Keras model, loaded with safe_mode=True."""

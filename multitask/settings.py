@@ -30,6 +30,10 @@ DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 DEFAULT_SEED = 42
 MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
 BATCH_SIZE = 32  # prediction and evaluation
+ENGINES = ("keras", "onnx", "int8")  # what runs the inference graph (multitask.engines)
+EXPORT_FORMATS = ("tf_saved_model", "onnx", "int8")
+EXPORT_CALIBRATION_IMAGES = 128  # int8: training images that calibrate the quantisation
+EXPORT_CHECK_IMAGES = 32  # val/test images every export is checked on against Keras
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -63,6 +67,7 @@ class TrainConfig:
     allow_unknown: bool = False
     cache_dir: str | None = None  # None: <out>/cache
     patience: int = 3  # early stopping, in epochs without a better validation loss
+    target_sensitivity: float = 0.95  # the malignancy threshold is chosen on validation to reach this
     overwrite: bool = False
     verbose: int = 1
 
@@ -94,6 +99,8 @@ class TrainConfig:
             (_positive(self.fine_tune_lr), "$fine_tune_learning_rate must be a positive number, got "
                                            f"{self.fine_tune_learning_rate!r}"),
             (_integer(self.patience) and self.patience >= 0, f"$patience must be 0 or more, got {self.patience!r}"),
+            (_positive(self.target_sensitivity) and self.target_sensitivity <= 1,
+             f"$target_sensitivity must be in (0, 1], got {self.target_sensitivity!r}"),
             (bool(self.data or self.split_file), "give the dataset folder ($data) or a saved split ($split_file)"),
         ]
         for ok, message in checks:

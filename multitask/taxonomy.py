@@ -21,6 +21,7 @@ ORGAN_LABELS: tuple[str, ...] = (
     "Blood", "Brain", "Breast", "Cervix", "Colon", "Kidney", "Lung", "Lymph", "Mouth",
 )
 CANCER_LABELS: tuple[str, ...] = ("Benign", "Malignant")
+MALIGNANT = "Malignant"  # the positive class: sensitivity is Malignant recall
 TASKS: tuple[str, ...] = ("organ", "cancer")
 COLUMNS: tuple[str, ...] = ("subclass", "type_folder", "organ", "cancer", "note")
 TYPE_FOLDERS: tuple[str, ...] = (

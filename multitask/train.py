@@ -30,8 +30,10 @@ import numpy as np
 import pandas as pd
 
 from multitask import callbacks as handlers
+from multitask.calibration import calibration_record, fit_calibration
 from multitask.data import (
     class_weights,
+    indexed_images,
     load_split,
     make_dataset,
     sample_weights,
@@ -102,7 +104,9 @@ class Trainer:
             balance = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
             heads = self.train_heads(features, fit_rows, balance)
             tuned = self.fine_tune(split, features, heads, balance) if config.fine_tune_epochs else None
-            return self.finish(split, features, heads, tuned, balance)
+            backbone_changed = tuned is not None and _better(tuned.best, heads.best)
+            calibration = self.calibrate(fit_rows, features, backbone_changed=backbone_changed)
+            return self.finish(split, features, heads, tuned, balance, calibration)
 
     def split(self) -> pd.DataFrame:
         """The run's split, saved as split.csv before training so a resumed run uses the very same one."""
@@ -248,10 +252,40 @@ class Trainer:
                            best_epoch=None if best is None else int(best["epoch"]),
                            seconds=time.perf_counter() - start, weighting=self.weighting.values())
 
+    # ------------------------------------------------------------------------------------------- calibration
+
+    def calibrate(self, fit_rows: pd.DataFrame, features: Features, *, backbone_changed: bool) -> dict[str, Any]:
+        """Per-head temperatures and the malignancy threshold, fitted on the validation images (see
+        :mod:`multitask.calibration`); without validation images, temperature 1 and threshold 0.5, with a warning."""
+        is_val = (fit_rows["split"].to_numpy() == "val")[features.rows]
+        tasks = self.config.tasks
+        if not is_val.any():
+            log.warning("no validation images: probabilities stay uncalibrated (temperature 1) and the malignancy "
+                        "threshold is 0.5")
+            return calibration_record({t: 1.0 for t in tasks}, None, self.config.target_sensitivity, {})
+        rows = features.rows[is_val]
+        if backbone_changed:  # fine-tuning moved the backbone: the cached features no longer describe the model
+            logits = self._logits_of(fit_rows["path"].to_numpy()[rows].tolist())
+        else:
+            logits = {t: np.asarray(v) for t, v in self.parts.heads.predict(features.values[is_val], verbose=0,
+                                                                            batch_size=256).items()}
+        labels = {t: fit_rows[f"{t}_id"].to_numpy()[rows] for t in tasks}
+        return fit_calibration(logits, labels, tasks=tasks, target_sensitivity=self.config.target_sensitivity)
+
+    def _logits_of(self, paths: list[str]) -> dict[str, np.ndarray]:
+        """The model's logits for image files (all known to decode)."""
+        import tensorflow as tf
+
+        forward = tf.function(lambda images: self.model(images, training=False), reduce_retracing=True)
+        parts = [(index.numpy(), forward(images)) for index, images in
+                 indexed_images(paths, image_size=self.config.image_size, batch_size=self.config.batch_size)]
+        order = np.argsort(np.concatenate([index for index, _ in parts]))
+        return {t: np.concatenate([np.asarray(out[t]) for _, out in parts])[order] for t in self.config.tasks}
+
     # ------------------------------------------------------------------------------------------- the end
 
     def finish(self, split: pd.DataFrame, features: Features, heads: PhaseResult, tuned: PhaseResult | None,
-               balance: dict | None) -> RunInfo:
+               balance: dict | None, calibration: dict[str, Any]) -> RunInfo:
         """Plot the history, then save the model and write config.json (last), describing the saved model."""
         config = self.config
         history = tidy_history(self.run.path / HISTORY_FILE)
@@ -276,6 +310,7 @@ class Trainer:
                      "fine_tune": tuned.best if tuned else None},
             "saved": {"phase": "fine_tune" if kept is tuned else "heads", "epoch": kept.best_epoch},
             "weighting": self.weighting.state(),
+            "calibration": calibration,
             "class_weights": balance,
             "split_counts": split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict(),
             "features": {"cache": str(features.path), "reused": features.reused, "images": int(len(features.rows)),

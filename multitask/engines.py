@@ -1,0 +1,105 @@
+"""Inference engines: one small interface over Keras, ONNX Runtime (fp32 and int8) and TF SavedModel.
+
+An engine takes a batch of images, float32 RGB in 0..255, NHWC at its ``image_size``, and returns a dict of numpy
+arrays, one per output of the inference graph (:mod:`multitask.inference`): probabilities per head, and
+``ood_score`` when the run has a detector. Every engine answers with the same keys, so callers (``Predictor``, the
+exporter's self-check, the server) never care which runtime runs underneath. :func:`multitask.export.load_engine`
+builds one from a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from multitask.settings import ENGINES  # noqa: F401  (the names the engines answer to)
+from multitask.taxonomy import TASKS
+
+
+class Engine:
+    """Images (N, S, S, 3) float32 0..255 in, ``{output name: numpy array}`` out."""
+
+    name: str = "engine"
+    image_size: int = 0
+    output_names: tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in TASKS if t in self.output_names)
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _check(self, images) -> None:
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"the {self.name} engine expects images of shape (N, {self.image_size}, "
+                             f"{self.image_size}, 3), got {shape}")
+
+
+class KerasEngine(Engine):
+    """The inference graph in one traced ``tf.function``; the reference every export is checked against."""
+
+    name = "keras"
+
+    def __init__(self, inference):
+        import tensorflow as tf
+
+        self.model = inference
+        self.output_names = tuple(inference.output)
+        self.image_size = int(inference.input_shape[1])
+        # One trace for every batch size (the last batch is smaller): the batch dimension is left open.
+        spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)
+        self.forward = tf.function(lambda images: inference(images, training=False), input_signature=[spec])
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        self._check(images)
+        return {name: np.asarray(value) for name, value in self.forward(images).items()}
+
+
+class OnnxEngine(Engine):
+    """An exported ONNX file (fp32, or int8 with QDQ nodes) run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str | os.PathLike, *, name: str = "onnx", threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # One inference at a time uses every core (a server that runs other work beside it may want fewer).
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.name, self.path = name, Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        (image,) = self.session.get_inputs()  # the export keeps one input; a second would be a broken export
+        self.input_name = image.name
+        self.image_size = int(image.shape[1])
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        images = np.asarray(images, np.float32)
+        self._check(images)
+        values = self.session.run(list(self.output_names), {self.input_name: images})
+        return dict(zip(self.output_names, values, strict=True))
+
+
+class SavedModelEngine(Engine):
+    """An exported TF SavedModel, called through its ``serving_default`` signature (as TF Serving does)."""
+
+    name = "tf_saved_model"
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        self.signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        spec = next(iter(self.signature.structured_input_signature[1].values()))
+        self.image_size = int(spec.shape[1])
+        self.output_names = tuple(self.signature.structured_outputs)
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        self._check(images)
+        outputs = self.signature(tf.convert_to_tensor(images, tf.float32))
+        return {name: value.numpy() for name, value in outputs.items()}

@@ -1,0 +1,327 @@
+"""Export a run for serving engines: TF SavedModel, ONNX (fp32) and int8, each checked against Keras before it counts.
+
+Every format holds the run's **inference graph** (:func:`multitask.inference.inference_model`): one input,
+``image``, float32 RGB in 0..255, NHWC at the run's image size (the single scaling to [-1, 1] stays inside the
+graph), one output per head holding PROBABILITIES (the run's temperatures folded in), and ``ood_score`` when the
+run has an out-of-distribution detector. Beside each artifact::
+
+    labels.json   labels per head, malignancy threshold, image size, input format, output names
+    export.json   the self-check: max |probability difference| and argmax agreement per head against the Keras
+                  model on the run's own val/test images, and the sha256 of model.keras (a stale export is redone)
+
+An export is written into a temporary sibling folder and renamed only after its self-check passed, so
+``RUN/export/<format>/`` is either a checked artifact or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from multitask.data import load_image, load_split
+from multitask.engines import Engine, KerasEngine, OnnxEngine, SavedModelEngine
+from multitask.errors import ConfigError, ExportError
+from multitask.files import read_json, write_json
+from multitask.inference import inference_model, output_names
+from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
+from multitask.settings import ENGINES, EXPORT_CALIBRATION_IMAGES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
+
+log = logging.getLogger(__name__)
+
+FORMATS = EXPORT_FORMATS
+ARTIFACTS = {"tf_saved_model": "saved_model", "onnx": "model.onnx", "int8": "model.int8.onnx"}
+LABELS_FILE = "labels.json"
+EXPORT_FILE = "export.json"
+INPUT_FORMAT = "float32 RGB 0..255, NHWC, shape [N, S, S, 3]"
+# The self-check's bars: fp32 formats reproduce Keras up to float rounding; int8 must keep every answer.
+TOLERANCE = {
+    "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
+    "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
+    "int8": {"max_abs_diff": 0.05, "argmax_agreement": 0.99},
+}
+
+
+# ----------------------------------------------------------------------------------------------- export a run
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A checked export: where it is and how closely it reproduces the Keras model."""
+
+    format: str
+    path: Path  # the folder holding the artifact, labels.json and export.json
+    artifact: Path
+    max_abs_diff: dict[str, float]
+    argmax_agreement: dict[str, float]
+    images: int
+    seconds: float
+
+
+def export_dir(run: str | os.PathLike | RunInfo, format: str) -> Path:
+    """Default folder of ``format``'s export of a run: ``RUN/export/<format>/``."""
+    info = run if isinstance(run, RunInfo) else open_run(run)
+    return info.path / EXPORT_DIR / _check_format(format)
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (model.keras), which tells a stale export from a current one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | os.PathLike | None = None,
+               calibration: int = EXPORT_CALIBRATION_IMAGES, check_images: int = EXPORT_CHECK_IMAGES) -> ExportResult:
+    """Export a run as ``format``, check it against the Keras model on the run's own images, then publish it.
+
+    Written into a temporary sibling of ``out`` (default ``RUN/export/<format>/``) and renamed only after the
+    self-check passed; a failed check raises :class:`ExportError` and leaves ``out`` as it was.
+    """
+    start = time.perf_counter()
+    info = run_dir if isinstance(run_dir, RunInfo) else open_run(run_dir)
+    format = _check_format(format)
+    out = Path(out).expanduser() if out is not None else export_dir(info, format)
+    if calibration < 1 or check_images < 1:
+        raise ExportError(f"--calibration and --check-images must be positive, got {calibration} and {check_images}")
+    sha = model_sha256(info.model_path)  # before loading: the file the export is known to match
+    inference = run_inference_model(info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        artifact = tmp / ARTIFACTS[format]
+        writer = {"tf_saved_model": _write_saved_model, "onnx": _write_onnx, "int8": _write_int8}[format]
+        writer(inference, artifact, info=info, calibration=calibration)
+        images, files = check_batch(info, check_images)
+        reference = KerasEngine(inference)(images)
+        exported = open_engine(artifact, format=format)(images)
+        diff, agreement = compare(reference, exported, tasks=info.tasks)
+        record = {"format": format, "max_abs_diff": diff, "argmax_agreement": agreement, "model_sha256": sha,
+                  "images": len(images), "check_files": files, "tolerance": TOLERANCE[format],
+                  "calibration_images": calibration if format == "int8" else None,
+                  "artifact": artifact.name, "versions": _versions(format)}
+        _raise_if_failed(record, info=info)
+        write_json(labels_record(info, inference), tmp / LABELS_FILE)
+        write_json(record, tmp / EXPORT_FILE)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.parent == info.path / EXPORT_DIR:
+        claim_files(info.path, [EXPORT_DIR])  # derived from the model: an overwritten run must not keep it
+    log.info("exported %s to %s", format, out)
+    return ExportResult(format=format, path=out, artifact=out / ARTIFACTS[format], max_abs_diff=diff,
+                        argmax_agreement=agreement, images=len(images), seconds=time.perf_counter() - start)
+
+
+def _check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def run_inference_model(info: RunInfo, *, calibrated: bool = True):
+    """The run's inference graph: its temperatures (unless not ``calibrated``) and its OOD detector folded in."""
+    return inference_model(info.load_model(), temperatures=info.temperatures if calibrated else None,
+                           ood=info.load_ood())
+
+
+def check_batch(info: RunInfo, n: int) -> tuple[np.ndarray, list[str]]:
+    """Up to ``n`` of the run's test (then val) images, decoded as the model sees them, and their paths."""
+    manifest = load_split(info.split_path, taxonomy=info.taxonomy)
+    pool = pd.concat([manifest[manifest["split"] == s] for s in ("test", "val")])
+    if pool.empty:
+        raise ExportError(f"{info.split_path} has no val or test images to check the export with")
+    files = pool["path"].head(n).tolist()
+    return load_images(files, info.image_size), files
+
+
+def load_images(files: list[str], image_size: int) -> np.ndarray:
+    """Decode and resize ``files`` exactly as prediction does: float32 (N, S, S, 3) in 0..255."""
+    images = [load_image(path, image_size).numpy() for path in files]
+    return np.stack(images).astype(np.float32)
+
+
+def compare(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], *,
+            tasks: Iterable[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Max |difference| per output, and argmax agreement (share of images) per task, of two engines' outputs."""
+    missing = sorted(set(reference) - set(other))
+    if missing:
+        raise ExportError(f"the exported model lacks output(s) {missing}; it has {sorted(other)}")
+    diff = {name: float(np.max(np.abs(np.asarray(other[name]) - reference[name]))) for name in reference}
+    agreement = {task: float(np.mean(np.argmax(other[task], -1) == np.argmax(reference[task], -1)))
+                 for task in tasks}
+    return diff, agreement
+
+
+def _raise_if_failed(record: dict, *, info: RunInfo) -> None:
+    tolerance = record["tolerance"]
+    failed = {name: x for name, x in record["max_abs_diff"].items() if not x <= tolerance["max_abs_diff"]}
+    failed |= {f"{task} argmax agreement": x for task, x in record["argmax_agreement"].items()
+               if not x >= tolerance["argmax_agreement"]}
+    if failed:
+        shown = ", ".join(f"{name} {x:.4g}" for name, x in failed.items())
+        raise ExportError(f"the {record['format']} export of {info.path} does not reproduce the Keras model on "
+                          f"{record['images']} of its images ({shown}; allowed: {tolerance}); nothing was written. "
+                          "Check the package versions in the log, or export another format")
+
+
+def labels_record(info: RunInfo, inference) -> dict:
+    """What a serving client needs beside the artifact: labels, operating points, input format, output names."""
+    return {
+        "organ_labels": list(info.labels.get("organ", [])),
+        "cancer_labels": list(info.labels.get("cancer", [])),
+        "malignancy_threshold": info.malignancy_threshold,
+        "ood_threshold": info.ood_threshold,
+        "image_size": info.image_size,
+        "input_name": "image",
+        "input_format": INPUT_FORMAT,
+        "output_names": list(output_names(inference)),
+        "outputs": "probabilities per head (softmax of logits / temperature); ood_score: higher is more unlike the "
+                   "training images, flagged above ood_threshold; Malignant when P(Malignant) >= "
+                   "malignancy_threshold",
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` folder at ``out``; an older export there is removed only once ``tmp`` is whole."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _versions(format: str) -> dict[str, str]:
+    from importlib import metadata
+
+    names = {"tf_saved_model": ("tensorflow", "keras"), "onnx": ("keras", "tf2onnx", "onnx", "onnxruntime"),
+             "int8": ("keras", "tf2onnx", "onnx", "onnxruntime")}
+    found = {}
+    for name in names[format]:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- writers
+
+
+def _image_spec(inference):
+    import tensorflow as tf
+
+    return [tf.TensorSpec((None, *inference.input_shape[1:]), tf.float32, name="image")]
+
+
+def _write_saved_model(inference, artifact: Path, **_) -> None:
+    # Keras' exporter adds the `serving_default` signature TF Serving calls; the batch dimension stays open.
+    inference.export(str(artifact), format="tf_saved_model", verbose=False, input_signature=_image_spec(inference))
+
+
+def _write_onnx(inference, artifact: Path, **_) -> None:
+    inference.export(str(artifact), format="onnx", verbose=False, input_signature=_image_spec(inference))
+
+
+def _write_int8(inference, artifact: Path, *, info: RunInfo, calibration: int) -> None:
+    """ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights), calibrated on training images.
+
+    ``reduce_range`` (7-bit weights) because this project's CPUs have AVX2 without VNNI: there ONNX Runtime's
+    u8 x s8 kernels add pairs of products into 16-bit sums that saturate, and the full-range model disagreed with
+    Keras on 9% of cancer answers (activations 38% off after the first block). 7-bit weights cannot saturate
+    and keep the fast kernel; u8 x u8 also avoids it but was slower than fp32. Measured against OpenVINO + NNCF
+    int8 on the real-sample run: ONNX Runtime was closer to Keras; numbers in the README.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, prepared = artifact.with_name("fp32.onnx"), artifact.with_name("prepared.onnx")
+    _write_onnx(inference, fp32)  # the already-folded fp32 graph is the quantiser's input
+    # Folds BatchNorm into convolutions and infers shapes first, as ONNX Runtime's quantisation guide advises.
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    images = calibration_images(info, calibration)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": images[i: i + 16]} for i in range(0, len(images), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(prepared), str(artifact), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    fp32.unlink()
+    prepared.unlink()
+
+
+def calibration_images(info: RunInfo, n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` random images of the run's TRAINING split (never the images the export is judged on)."""
+    manifest = load_split(info.split_path, taxonomy=info.taxonomy)
+    train = manifest[manifest["split"] == "train"]
+    if train.empty:
+        raise ExportError(f"{info.split_path} has no train images to calibrate the int8 export with")
+    chosen = train.sample(n=min(n, len(train)), random_state=seed)
+    return load_images(chosen["path"].tolist(), info.image_size)
+
+
+# ----------------------------------------------------------------------------------------------- engines of a run
+
+
+def open_engine(artifact: str | os.PathLike, *, format: str) -> Engine:
+    """The engine that runs an exported artifact of ``format``."""
+    if format == "tf_saved_model":
+        return SavedModelEngine(artifact)
+    return OnnxEngine(artifact, name=format)
+
+
+def is_current(folder: str | os.PathLike, info: RunInfo, *, format: str) -> bool:
+    """Whether ``folder`` holds a checked export of ``format`` made from the run's current model.keras."""
+    try:
+        record = read_json(Path(folder) / EXPORT_FILE)
+    except (OSError, ValueError):
+        return False
+    return (record.get("format") == format and record.get("model_sha256") == model_sha256(info.model_path)
+            and (Path(folder) / record.get("artifact", ARTIFACTS[format])).exists())
+
+
+def load_engine(run: str | os.PathLike | RunInfo, name: str = "keras", *, model=None,
+                calibrated: bool = True) -> Engine:
+    """The run's engine ``name`` (keras, onnx, int8); exports ``RUN/export/<format>/`` first if missing or stale.
+
+    ``model`` (the run's loaded Keras model) saves loading it again for the keras engine.
+    """
+    info = run if isinstance(run, RunInfo) else open_run(run)
+    if name not in ENGINES:
+        raise ConfigError(f"unknown $engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if name == "keras":
+        if model is None:
+            return KerasEngine(run_inference_model(info, calibrated=calibrated))
+        return KerasEngine(inference_model(model, temperatures=info.temperatures if calibrated else None,
+                                           ood=info.load_ood()))
+    folder = export_dir(info, name)
+    if not is_current(folder, info, format=name):
+        why = "is stale (model.keras changed)" if folder.exists() else "does not exist yet"
+        log.info("%s %s: exporting it first", folder, why)
+        export_run(info, format=name, out=folder)
+    return open_engine(folder / ARTIFACTS[name], format=name)
