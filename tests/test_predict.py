@@ -18,7 +18,7 @@ from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 
 JOINT_COLUMNS = (
-    ["path", "organ", "organ_prob", "cancer", "cancer_prob"]
+    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "note"]
     + [f"p_organ_{label}" for label in ORGAN_LABELS]
     + ["p_cancer_Benign", "p_cancer_Malignant", "error"]
 )
@@ -56,15 +56,21 @@ def test_predict_cli_on_a_folder_with_bad_files(joint_run, mixed_folder, tmp_pat
     assert "predicted 53 of 56 file(s); 3 unreadable" in capsys.readouterr().out
 
 
-def test_probabilities_sum_to_one_and_name_the_argmax(predictor, mixed_folder):
+def test_probabilities_sum_to_one_and_answer_at_the_operating_point(predictor, joint_run, mixed_folder):
     frame = predictor.predict([mixed_folder])
     good = frame[frame["error"].isna()]
     for task, labels in predictor.labels.items():
         columns = [probability_column(task, label) for label in labels]
-        probs = good[columns].to_numpy()
-        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-        assert (good[task] == np.asarray(labels)[probs.argmax(axis=1)]).all()
-        np.testing.assert_allclose(good[f"{task}_prob"], probs.max(axis=1))
+        np.testing.assert_allclose(good[columns].to_numpy().sum(axis=1), 1.0, atol=1e-5)
+    organ = good[[probability_column("organ", label) for label in ORGAN_LABELS]].to_numpy()
+    assert (good["organ"] == np.asarray(ORGAN_LABELS)[organ.argmax(axis=1)]).all()
+    np.testing.assert_allclose(good["organ_prob"], organ.max(axis=1))
+    # cancer: Malignant when P(Malignant) reaches the run's threshold (chosen on validation), not at 0.5
+    threshold = json.loads((joint_run / "config.json").read_text())["calibration"]["malignancy_threshold"]
+    assert predictor.threshold == pytest.approx(threshold) and (good["malignancy_threshold"] == threshold).all()
+    malignant = good["p_cancer_Malignant"].to_numpy()
+    assert (good["cancer"] == np.where(malignant >= threshold, "Malignant", "Benign")).all()
+    np.testing.assert_allclose(good["cancer_prob"], np.where(malignant >= threshold, malignant, 1 - malignant))
     table = load_taxonomy().table.set_index("subclass")
     truth = good["path"].map(lambda p: table.loc[p.split(os.sep)[-2], "organ"])  # from the subclass folder
     assert np.mean(good["organ"] == truth) > 0.5  # the trained model is well above chance (0.11)
@@ -76,7 +82,7 @@ def test_predictions_do_not_depend_on_batching_around_failed_files(predictor, mi
     big = predictor.predict_files(files, batch_size=64)
     small = predictor.predict_files(files, batch_size=3)
     pd.testing.assert_frame_equal(big, small, atol=1e-4, check_exact=False)
-    assert predictor._probabilities.experimental_get_tracing_count() == 1  # no retracing for a new batch size
+    assert predictor.engine.forward.experimental_get_tracing_count() == 1  # no retracing for a new batch size
     good = big["error"].isna().to_numpy()
     images = np.stack([load_image(path, predictor.image_size).numpy() for path in np.asarray(files)[good]])
     direct = predictor.predict_arrays(images)
@@ -102,7 +108,8 @@ def test_single_task_run_has_only_its_columns(cancer_run, mixed_folder, tmp_path
     out = tmp_path / "p.json"
     assert cli.main(["predict", str(cancer_run), str(next(mixed_folder.rglob("all_benign"))), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert list(records[0]) == ["path", "cancer", "cancer_prob", "p_cancer_Benign", "p_cancer_Malignant", "error"]
+    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "note", "p_cancer_Benign",
+                                "p_cancer_Malignant", "error"]
     empty = next(r for r in records if r["path"].endswith(BAD_FILE_NAMES["empty"]))
     assert empty["cancer"] is None and empty["cancer_prob"] is None and "empty" in empty["error"]
     assert "\\/" not in out.read_text()
@@ -184,3 +191,25 @@ def test_predict_usage_errors(joint_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(joint_run), "x.jpg", "--out", "predictions.txt"])
     assert exit_info.value.code == 2 and ".csv or .json" in capsys.readouterr().err
+
+
+def test_threshold_override_and_uncalibrated_probabilities(joint_run, predictor, mixed_folder, capsys):
+    """--threshold moves only the cancer decision; --uncalibrated shows the raw softmax of the model's logits."""
+    import keras
+
+    files = collect_images([next(mixed_folder.rglob("lung_aca"))])
+    calibrated = predictor.predict_files(files)
+    lenient = Predictor.from_run(joint_run, threshold=0.0).predict_files(files)
+    assert (lenient["cancer"] == "Malignant").all() and (lenient["malignancy_threshold"] == 0.0).all()
+    pd.testing.assert_frame_equal(lenient.filter(like="p_"), calibrated.filter(like="p_"))
+    raw = Predictor.from_run(joint_run, calibrated=False).predict_files(files)
+    assert (raw["malignancy_threshold"] == 0.5).all()
+    model = keras.models.load_model(joint_run / "model.keras")
+    logits = model.predict(np.stack([load_image(f, 75).numpy() for f in files]), verbose=0)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(logits["organ"]))
+    np.testing.assert_allclose(raw.filter(like="p_organ_").to_numpy(), expected, atol=1e-5)
+    temperatures = json.loads((joint_run / "config.json").read_text())["calibration"]["temperatures"]
+    scaled = keras.ops.convert_to_numpy(keras.ops.softmax(logits["organ"] / temperatures["organ"]))
+    np.testing.assert_allclose(calibrated.filter(like="p_organ_").to_numpy(), scaled, atol=1e-5)
+    assert cli.main(["predict", str(joint_run), files[0], "--threshold", "1.5"]) == 2
+    assert "--threshold must be a probability between 0 and 1" in capsys.readouterr().err
