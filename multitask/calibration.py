@@ -249,7 +249,7 @@ def _percentiles(values: Mapping[str, np.ndarray], level: float) -> dict[str, li
     intervals: dict[str, list[float] | None] = {}
     for name, draws in values.items():
         if np.isfinite(draws).mean() < MIN_DEFINED_FRACTION:
-            log.info("no interval for %s: undefined on most of %d resamples", name, draws.size)
+            log.debug("no interval for %s: undefined on most of %d resamples", name, draws.size)
             intervals[name] = None
         else:
             intervals[name] = [float(bound) for bound in np.nanpercentile(draws, [tail, 100.0 - tail])]
@@ -290,7 +290,8 @@ def bootstrap_intervals(metric_fns: Mapping[str, MetricFn] | Callable[..., Mappi
 
 
 def classification_intervals(y_true, probs, *, strata=None, positive: int = 1, threshold: float | None = None,
-                             n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list | None]:
+                             n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                             per_class: bool = False) -> dict[str, list | None]:
     """:func:`bootstrap_intervals` of :func:`classification_metrics`: the same resamples, computed all at once.
 
     Each resample becomes a row of counts (how often each image was drawn), so a block of 100 resamples costs a few
@@ -303,7 +304,8 @@ def classification_intervals(y_true, probs, *, strata=None, positive: int = 1, t
         rows, n = block.shape
         offsets = (np.arange(rows)[:, None] * n + block).ravel()
         counts = np.bincount(offsets, minlength=rows * n).reshape(rows, n).astype(np.float64)
-        for name, value in _weighted_metrics(y_true, probs, counts, positive=positive, threshold=threshold).items():
+        for name, value in _weighted_metrics(y_true, probs, counts, positive=positive, threshold=threshold,
+                                             per_class=per_class).items():
             values.setdefault(name, []).append(value)
     return _percentiles({name: np.concatenate(parts) for name, parts in values.items()}, level)
 
@@ -321,9 +323,10 @@ def classification_metrics(y_true, probs, *, positive: int = 1,
     return {name: float(value[0]) if np.isfinite(value[0]) else None for name, value in values.items()}
 
 
-def _weighted_metrics(y_true, probs, weights: np.ndarray, *, positive: int,
-                      threshold: float | None) -> dict[str, np.ndarray]:
-    """Each metric for each row of ``weights`` (resamples x images: how often each image counts)."""
+def _weighted_metrics(y_true, probs, weights: np.ndarray, *, positive: int, threshold: float | None,
+                      per_class: bool = False) -> dict[str, np.ndarray]:
+    """Each metric for each row of ``weights`` (resamples x images: how often each image counts); ``per_class``
+    adds ``recall/<k>`` and ``precision/<k>`` for every class id k."""
     probs, y_true = _scores_and_labels(probs, y_true)
     n_classes = probs.shape[1]
     if threshold is not None and n_classes != 2:
@@ -345,6 +348,11 @@ def _weighted_metrics(y_true, probs, weights: np.ndarray, *, positive: int,
     if n_classes == 2:
         metrics.update(roc_auc=_weighted_roc_auc(y_true == positive, probs[:, positive], weights),
                        sensitivity=recall[:, positive], specificity=recall[:, 1 - positive])
+    if per_class:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = hits / matrix.sum(axis=1)
+        for k in range(n_classes):
+            metrics[f"recall/{k}"], metrics[f"precision/{k}"] = recall[:, k], precision[:, k]
     return metrics
 
 
@@ -365,6 +373,14 @@ def _weighted_roc_auc(is_positive: np.ndarray, scores: np.ndarray, weights: np.n
     wins = (positive_weights * (below[:, at] + 0.5 * tied[:, at])).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return wins / (positive_weights.sum(axis=1) * negative_weights.sum(axis=1))
+
+
+def uncalibrated(probs, temperature: float) -> np.ndarray:
+    """The raw softmax that temperature-scaled ``probs`` came from: ``softmax(T * log p)`` (exact up to float
+    rounding; probabilities that underflowed to 0 stay 0)."""
+    with np.errstate(divide="ignore"):
+        log_probs = np.log(np.asarray(probs, np.float64))
+    return special.softmax(temperature * log_probs, axis=-1)
 
 
 def format_interval(value: float | None, lo: float | None = None, hi: float | None = None, *,

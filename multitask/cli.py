@@ -263,22 +263,32 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from multitask.evaluate import METRICS_FILE, REPORT_FILE, evaluate_run, summary_table
+    from multitask.evaluate import METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE, evaluate_run, summary_table
 
     metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
-                           batch_size=args.batch_size, explain=args.explain)
+                           batch_size=args.batch_size, explain=args.explain, calibrated=not args.uncalibrated,
+                           threshold=args.threshold)
     source = metrics["source"]
     print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
     _print_table("metrics", summary_table(metrics))
     for task in metrics["tasks"]:
         for note in metrics[task].get("notes", []):
             print(f"note ({task}): {note}")
+    if "cancer" in metrics:
+        cancer = metrics["cancer"]
+        print(f"cancer: Malignant when P(Malignant) >= {cancer['threshold']:.3f} ({cancer['threshold_source']})")
+    if "ood" in metrics:
+        print(f"out of distribution: {metrics['ood']['n_flagged']} of {metrics['n_images']} images flagged")
+    overlap = metrics["overlap"]
+    if overlap["fraction"]:
+        print(f"warning: {overlap['train'] + overlap['val']} of the evaluated images ({overlap['fraction']:.0%}) "
+              "were used to train or validate this run: expect optimistic numbers")
     if metrics["unreadable"]:
         print(f"\nleft out {len(metrics['unreadable'])} unreadable file(s):")
         for path, reason in metrics["unreadable"].items():
             print(f"  {path}: {reason}")
     out = Path(args.out or args.run_dir)
-    print(f"\nwrote {out / METRICS_FILE} and {out / REPORT_FILE} (with figures)")
+    print(f"\nwrote {out / METRICS_FILE}, {out / REPORT_FILE} (with figures) and {out / MODEL_CARD_FILE}")
     return 0
 
 
@@ -291,6 +301,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
     p.add_argument("--explain", type=int, default=0, metavar="N",
                    help="add a figure of N evaluated images with each head's Grad-CAM heatmap to the report")
+    add_operating_point_options(p)
 
 
 SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob", "error")

@@ -1,23 +1,30 @@
-"""Metrics and figures of a finished run on its own test split or on another labelled folder.
+"""Metrics of a finished run on its own test split or on another labelled folder, with intervals.
 
-The metric and figure functions take label ids and class probabilities (or predictions) only; the forward pass
-is :class:`multitask.predict.Predictor`'s, so evaluation and prediction share one inference path.
+The metric functions take label ids and class probabilities only; the forward pass is
+:class:`multitask.predict.Predictor`'s, so evaluation and prediction share one inference path (calibrated
+probabilities, the run's malignancy threshold, the OOD score).
 
 :func:`evaluate_run` writes into the run directory (or ``out``)::
 
-    metrics.json          numbers per task (layout below), what was evaluated, unreadable files
-    report.md             the same as readable tables, with links to the figures
-    confusion_<task>.png  confusion matrix: counts and row-normalised (recall per true class)
-    roc_cancer.png        ROC curve of the Malignant probability (when both classes are present)
-    eval_predictions.csv  one row per evaluated image: true labels beside the predictions
+    metrics.json            numbers per head with 95% bootstrap intervals (layout below), what was evaluated
+    report.md               the same as readable tables, with links to the figures
+    MODEL_CARD.md           Mitchell et al.'s model card, filled from the run and these numbers
+    confusion_<task>.png    confusion matrix: counts and row-normalised (recall per true class)
+    reliability_<task>.png  reliability diagram before and after calibration
+    roc_cancer.png          ROC curve of P(Malignant) with the chosen threshold and 0.5 marked
+    eval_predictions.csv    one row per evaluated image: true labels beside the predictions
 
-``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "<task>": {"n", "accuracy",
-"balanced_accuracy", "macro_f1", "labels", "per_class", "confusion_matrix", "figures"}}``; the cancer task adds
-``roc_auc``, ``sensitivity``, ``specificity``, ``positive_label``, ``per_organ`` and ``notes``. Undefined numbers
-(a class absent from the evaluated images) are ``null`` with a note, never a crash.
+``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "calibrated", "bootstrap", "overlap", "ood",
+"<task>": {"n", "accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated", "brier", "labels",
+"per_class", "confusion_matrix", "figures", "ci95": {metric: [lo, hi]}}}``; the cancer head adds ``roc_auc``,
+``threshold``, ``sensitivity`` and ``specificity`` (at the threshold), ``at_0.5``, ``positive_label``,
+``per_organ`` and ``notes``. The cancer head's decisions are made at the threshold. Undefined numbers (a class
+absent from the evaluated images) are ``null`` with a note, never a crash.
 
 Summary numbers follow scikit-learn: balanced accuracy is the mean recall over the classes present in the true
-labels; macro-F1 averages over the classes present in the true labels or the predictions.
+labels; macro-F1 averages over the classes present in the true labels or the predictions. Intervals:
+:func:`multitask.calibration.classification_intervals` (resamples of the evaluated images, stratified by true class,
+paired across metrics).
 """
 
 from __future__ import annotations
@@ -32,20 +39,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from multitask import calibration as cal
 from multitask.data import load_split, scan_tree
 from multitask.errors import DataError
-from multitask.files import save_figure, write_csv, write_json, write_text
-from multitask.rundir import RunInfo, open_run
-from multitask.settings import BATCH_SIZE
-from multitask.taxonomy import MALIGNANT as POSITIVE_LABEL
+from multitask.figures import confusion_figure, reliability_figure, roc_figure
+from multitask.files import read_json, write_csv, write_json, write_text
+from multitask.report import render_model_card, render_report
+from multitask.rundir import RunInfo, claim_files, open_run
+from multitask.settings import BATCH_SIZE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from multitask.synthetic import SYNTHETIC_MARK
+from multitask.taxonomy import MALIGNANT, ORGAN_LABELS
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 PREDICTIONS_FILE = "eval_predictions.csv"
 EXPLAIN_FILE = "explain.png"
-FIGURE_DPI = 100
+AUDIT_FILE = Path("split_audit") / "audit.json"  # where `multitask audit-split RUN/split.csv` writes
+POSITIVE_LABEL = MALIGNANT  # the positive class of the cancer head
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -68,8 +81,9 @@ def _check(y_true, probs, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray
     return y_true, probs
 
 
-def task_metrics(y_true, probs, labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+def task_metrics(y_true, probs, labels: Sequence[str], *, predicted=None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix of the
+    ``predicted`` class ids (default: the most probable class)."""
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
@@ -79,7 +93,7 @@ def task_metrics(y_true, probs, labels: Sequence[str]) -> dict[str, Any]:
     )
 
     y_true, probs = _check(y_true, probs, labels)
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if predicted is None else np.asarray(predicted).astype(np.int64)
     ids = np.arange(len(labels))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=ids, zero_division=np.nan
@@ -103,16 +117,18 @@ def task_metrics(y_true, probs, labels: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def cancer_metrics(y_true, probs, labels: Sequence[str], *, positive: str = POSITIVE_LABEL) -> dict[str, Any]:
-    """:func:`task_metrics` plus ROC-AUC, sensitivity and specificity of the ``positive`` class."""
+def cancer_metrics(y_true, probs, labels: Sequence[str], *, positive: str = POSITIVE_LABEL,
+                   threshold: float = 0.5) -> dict[str, Any]:
+    """:func:`task_metrics` of the decision P(positive) >= ``threshold``, plus ROC-AUC, sensitivity and
+    specificity of the ``positive`` class."""
     from sklearn.metrics import roc_auc_score
 
     if len(labels) != 2 or positive not in labels:
         raise ValueError(f"cancer metrics need two labels including {positive!r}, got {list(labels)}")
-    metrics = task_metrics(y_true, probs, labels)
     y_true, probs = _check(y_true, probs, labels)
     pos = list(labels).index(positive)
     negative = labels[1 - pos]
+    metrics = task_metrics(y_true, probs, labels, predicted=np.where(probs[:, pos] >= threshold, pos, 1 - pos))
     is_positive = y_true == pos
     notes = []
     if not is_positive.any():
@@ -122,6 +138,7 @@ def cancer_metrics(y_true, probs, labels: Sequence[str], *, positive: str = POSI
     both = 0 < is_positive.sum() < len(y_true)
     metrics.update(
         positive_label=positive,
+        threshold=float(threshold),
         roc_auc=float(roc_auc_score(is_positive, probs[:, pos])) if both else None,
         sensitivity=metrics["per_class"][positive]["recall"],
         specificity=metrics["per_class"][negative]["recall"],
@@ -153,92 +170,81 @@ def per_organ_accuracy(organ_true, cancer_true, cancer_pred, organ_labels: Seque
     return table
 
 
-# ----------------------------------------------------------------------------------------------- figures
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas, safe without a display
-
-    return Figure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
-
-
-def confusion_figure(matrix, labels: Sequence[str], path: str | os.PathLike, *, title: str) -> Path:
-    """Save a confusion matrix as two labelled panels: counts, and rows normalised to 1 (recall per class)."""
-    counts = np.asarray(matrix, np.int64)
-    totals = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normalised = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)  # absent classes: empty row
-    side = 2.2 + 0.45 * len(labels)
-    fig = _figure(2 * side + 1.0, side)
-    fig.suptitle(title)
-    for ax, values, name, fmt in ((fig.add_subplot(1, 2, 1), counts, "counts", "d"),
-                                  (fig.add_subplot(1, 2, 2), normalised, "row-normalised", ".2f")):
-        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=max(1, counts.max()) if fmt == "d" else 1)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-        ax.set(title=name, xlabel="predicted", ylabel="true", xticks=range(len(labels)),
-               yticks=range(len(labels)))
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-        ax.set_yticklabels(labels, fontsize=8)
-        limit = np.nanmax(values) if np.isfinite(values).any() else 0
-        for (i, j), value in np.ndenumerate(values):
-            if np.isfinite(value) and (value > 0 or fmt == "d"):
-                ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
-                        color="white" if value > 0.6 * limit else "black")
-    return save_figure(fig, path, dpi=FIGURE_DPI)
-
-
-def roc_figure(y_true, scores, path: str | os.PathLike, *, title: str, auc: float | None = None) -> Path:
-    """Save the ROC curve of binary labels ``y_true`` (1 = positive) against ``scores``."""
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), np.asarray(scores, float))
-    fig = _figure(4.5, 4.5)
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label="model" if auc is None else f"model (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    ax.set(title=title, xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
-    return save_figure(fig, path, dpi=FIGURE_DPI)
+def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *, threshold: float | None = None,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """One head's metrics with calibration (ECE before/after, Brier) and 95% bootstrap intervals of each."""
+    if task == "cancer":
+        result = cancer_metrics(y_true, probs, labels, threshold=threshold if threshold is not None else 0.5)
+    else:
+        result = task_metrics(y_true, probs, labels)
+    result.update(ece=cal.expected_calibration_error(probs, y_true),
+                  ece_uncalibrated=cal.expected_calibration_error(raw_probs, y_true),
+                  brier=cal.brier_score(probs, y_true))
+    positive = list(labels).index(POSITIVE_LABEL) if task == "cancer" else 1
+    decision = threshold if task == "cancer" else None
+    ci = cal.classification_intervals(y_true, probs, positive=positive, threshold=decision, n_resamples=resamples,
+                                      seed=seed, per_class=True)
+    ci["ece_uncalibrated"] = cal.classification_intervals(y_true, raw_probs, positive=positive, threshold=decision,
+                                                          n_resamples=resamples, seed=seed)["ece"]
+    for k, label in enumerate(labels):
+        result["per_class"][label]["ci95"] = {"precision": ci.pop(f"precision/{k}"), "recall": ci.pop(f"recall/{k}")}
+    result["ci95"] = ci
+    if task == "cancer" and threshold != 0.5:
+        half = cal.classification_intervals(y_true, probs, positive=positive, threshold=0.5, n_resamples=resamples,
+                                            seed=seed)
+        sensitivity, specificity = cal.sensitivity_specificity(np.asarray(probs)[:, positive],
+                                                               np.asarray(y_true) == positive, 0.5)
+        result["at_0.5"] = {"sensitivity": sensitivity, "specificity": specificity,
+                            "ci95": {"sensitivity": half["sensitivity"], "specificity": half["specificity"]}}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- a run
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = None, split: str = "test",
-                 out: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE,
-                 explain: int = 0) -> dict[str, Any]:
-    """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, figures.
-
-    ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap.
-    """
+                 out: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE, explain: int = 0,
+                 calibrated: bool = True, threshold: float | None = None,
+                 resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, model card
+    and figures. ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap."""
     from multitask.predict import Predictor
 
     run = open_run(run_dir)
     out = Path(out) if out is not None else run.path
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
-    predictor = Predictor.from_run(run)
+    predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold)
     predicted = predictor.predict_files(manifest["path"].tolist(), batch_size=batch_size)
     failed = predicted["error"].notna().to_numpy()
     unreadable.update(zip(predicted.loc[failed, "path"], predicted.loc[failed, "error"], strict=True))
     manifest, predicted = manifest[~failed].reset_index(drop=True), predicted[~failed].reset_index(drop=True)
+    if manifest.empty:
+        raise DataError(f"none of the {len(failed)} images to evaluate could be read; see the warnings above")
 
-    metrics: dict[str, Any] = {"n_images": len(manifest), "source": source, "run": str(run.path),
-                               "image_size": run.image_size, "tasks": list(run.tasks), "unreadable": unreadable}
+    metrics: dict[str, Any] = {
+        "n_images": len(manifest), "source": source, "run": str(run.path), "image_size": run.image_size,
+        "tasks": list(run.tasks), "unreadable": unreadable, "calibrated": calibrated,
+        "bootstrap": {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": 0.95,
+                      "stratified_by": "true class of each head"},
+        "overlap": run_overlap(run, manifest["path"]),
+    }
     for task in run.tasks:
         labels = run.labels[task]
-        probs = predicted[[f"p_{task}_{label}" for label in labels]].to_numpy()
+        probs = predicted[[f"p_{task}_{label}" for label in labels]].to_numpy(np.float64)
+        raw = probs if not calibrated else cal.uncalibrated(probs, run.temperatures[task])
         y_true = manifest[f"{task}_id"].to_numpy()
+        result = head_metrics(task, y_true, probs, raw, labels, resamples=resamples,
+                              threshold=predictor.threshold if task == "cancer" else None)
         if task == "cancer":
-            result = cancer_metrics(y_true, probs, labels)
-            result["per_organ"] = per_organ_accuracy(manifest["organ_id"], y_true, probs.argmax(axis=1),
-                                                     run.taxonomy.labels("organ"),
-                                                     positive=labels.index(POSITIVE_LABEL))
-        else:
-            result = task_metrics(y_true, probs, labels)
-        result["figures"] = _task_figures(task, result, y_true, probs, out)
+            result["threshold_source"] = ("given with --threshold" if threshold is not None else
+                                          "the run's operating point" if calibrated and run.malignancy_threshold
+                                          is not None else "the default 0.5")
+            result["target_sensitivity"] = run.calibration.get("target_sensitivity")
+            result["per_organ"] = _per_organ(manifest, y_true, probs, labels, predictor.threshold, resamples)
+        result["figures"] = _task_figures(task, result, y_true, probs, raw, out)
         metrics[task] = result
-
+    if "ood" in predicted.columns:
+        metrics["ood"] = _ood_rate(predicted["ood"].to_numpy(bool), manifest, predictor.ood_threshold, resamples)
     if explain > 0:
         metrics["explain"] = explain_figure(predictor, manifest, predicted, n=explain, path=out / EXPLAIN_FILE)
 
@@ -247,8 +253,54 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     write_csv(table, out / PREDICTIONS_FILE)
     write_json(metrics, out / METRICS_FILE)
     write_text(render_report(metrics), out / REPORT_FILE)
-    log.info("wrote %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, out)
+    split_table = load_split(run.split_path, taxonomy=run.taxonomy, check_files=False)
+    audit = read_json(run.path / AUDIT_FILE) if (run.path / AUDIT_FILE).is_file() else None
+    write_text(render_model_card(run, metrics, split=split_table, audit=audit, synthetic=_is_synthetic(run)),
+               out / MODEL_CARD_FILE)
+    if out.resolve() == run.path.resolve():  # they describe this model: an overwritten run must not keep them
+        claim_files(run.path, sorted({METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, PREDICTIONS_FILE, EXPLAIN_FILE,
+                                      *(f for t in run.tasks for f in metrics[t]["figures"].values())}))
+    log.info("wrote %s, %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, out)
     return metrics
+
+
+def run_overlap(run: RunInfo, paths: Sequence[str]) -> dict[str, Any]:
+    """How many of the evaluated files the run trained or validated on (by resolved path)."""
+    split = load_split(run.split_path, taxonomy=run.taxonomy, check_files=False)
+    resolved = {os.path.realpath(p): s for p, s in zip(split["path"], split["split"], strict=True)}
+    used = [resolved.get(os.path.realpath(p)) for p in paths]
+    counts = {name: int(sum(u == name for u in used)) for name in ("train", "val")}
+    fraction = (counts["train"] + counts["val"]) / max(len(used), 1)
+    if fraction:
+        log.warning("%d of the %d evaluated images were used to train (%d) or validate (%d) this run (%.0f%%): "
+                    "expect optimistic numbers", counts["train"] + counts["val"], len(used), counts["train"],
+                    counts["val"], 100 * fraction)
+    return {**counts, "fraction": fraction}
+
+
+def _per_organ(manifest: pd.DataFrame, y_true, probs, labels, threshold: float, resamples: int) -> dict[str, Any]:
+    """:func:`per_organ_accuracy` at the threshold, each with its intervals."""
+    positive = list(labels).index(POSITIVE_LABEL)
+    organ_ids = manifest["organ_id"].to_numpy()
+    decision = np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+    table = per_organ_accuracy(organ_ids, y_true, decision, ORGAN_LABELS, positive=positive)
+    for organ, row in table.items():
+        rows = organ_ids == ORGAN_LABELS.index(organ)
+        ci = cal.classification_intervals(np.asarray(y_true)[rows], probs[rows], positive=positive,
+                                          threshold=threshold, n_resamples=resamples, seed=BOOTSTRAP_SEED)
+        row["ci95"] = {k: ci.get(k) for k in ("accuracy", "sensitivity", "specificity")}
+    return table
+
+
+def _ood_rate(flagged: np.ndarray, manifest: pd.DataFrame, threshold: float, resamples: int) -> dict[str, Any]:
+    ci = cal.bootstrap_intervals({"fraction": lambda f: float(np.mean(f))}, flagged.astype(float),
+                                 strata=manifest["organ_id"].to_numpy(), n_resamples=resamples, seed=BOOTSTRAP_SEED)
+    return {"threshold": threshold, "n_flagged": int(flagged.sum()), "fraction": float(flagged.mean()), "ci95": ci}
+
+
+def _is_synthetic(run: RunInfo) -> bool:
+    root = run.config.get("settings", {}).get("data")
+    return bool(root) and (Path(root) / SYNTHETIC_MARK).is_file()
 
 
 def explain_figure(predictor, manifest: pd.DataFrame, predicted: pd.DataFrame, *, n: int,
@@ -285,21 +337,28 @@ def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, di
     return chosen, {"kind": "split", "split": split, "path": str(run.split_path)}, {}
 
 
-def _task_figures(task: str, result: dict[str, Any], y_true, probs, out: Path) -> dict[str, str]:
-    figures = {"confusion_matrix": f"confusion_{task}.png"}
+def _task_figures(task: str, result: dict[str, Any], y_true, probs, raw, out: Path) -> dict[str, str]:
+    figures = {"confusion_matrix": f"confusion_{task}.png", "reliability": f"reliability_{task}.png"}
     confusion_figure(result["confusion_matrix"], result["labels"], out / figures["confusion_matrix"],
                      title=f"{task}: confusion matrix (n={result['n']})")
+    reliability_figure({"uncalibrated": cal.reliability_table(raw, y_true),
+                        "calibrated": cal.reliability_table(probs, y_true)}, out / figures["reliability"],
+                       title=f"{task}: reliability (n={result['n']})")
     if result.get("roc_auc") is not None:
         figures["roc_curve"] = f"roc_{task}.png"
         pos = result["labels"].index(result["positive_label"])
+        points = {f"threshold {result['threshold']:.2f}": (result["sensitivity"], result["specificity"])}
+        if "at_0.5" in result:
+            points["0.5"] = (result["at_0.5"]["sensitivity"], result["at_0.5"]["specificity"])
         roc_figure(np.asarray(y_true) == pos, probs[:, pos], out / figures["roc_curve"],
-                   title=f"{task}: ROC of {result['positive_label']}", auc=result["roc_auc"])
+                   title=f"{task}: ROC of {result['positive_label']}", auc=result["roc_auc"], points=points)
     return figures
 
 
-# ----------------------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------------------- summary
 
-SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity")
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity", "ece",
+                "brier")
 
 
 def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -307,58 +366,3 @@ def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
     rows = {task: {key: metrics[task].get(key) for key in SUMMARY_KEYS} for task in metrics["tasks"]}
     table = pd.DataFrame.from_dict(rows, orient="index").astype(float).round(3).dropna(axis=1, how="all")
     return table.astype({"n": int})
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _markdown(rows: list[list[Any]], header: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-
-
-def render_report(metrics: dict[str, Any]) -> str:
-    """The markdown report of a metrics dict from :func:`evaluate_run`."""
-    source = metrics["source"]
-    where = (f"the `{source['split']}` split of `{source['path']}`" if source["kind"] == "split"
-             else f"every labelled image under `{source['path']}`")
-    lines = [f"# Evaluation of `{metrics['run']}`", "",
-             f"{metrics['n_images']} images: {where}, at {metrics['image_size']} px. Predicted class: the most "
-             "probable one (for cancer: Malignant when its probability exceeds 0.5).", ""]
-    if metrics["unreadable"]:
-        lines += [f"{len(metrics['unreadable'])} unreadable file(s) left out:", ""]
-        lines += [f"- `{path}`: {why}" for path, why in metrics["unreadable"].items()] + [""]
-    skipped = source.get("skipped_folders", {})
-    lines += [f"- skipped `{folder}` ({count} images): not a subclass of the run's taxonomy"
-              for folder, count in skipped.items()] + ([""] if skipped else [])
-    for task in metrics["tasks"]:
-        lines += _task_section(task, metrics[task])
-    if "explain" in metrics:
-        lines += ["", "## Where the heads look", "",
-                  f"Grad-CAM on InceptionV3's `{metrics['explain']['layer']}` block for the predicted class of each "
-                  f"head, {metrics['explain']['n']} images (titles: true -> predicted).", "",
-                  f"![Grad-CAM per head]({metrics['explain']['figure']})"]
-    return "\n".join(lines) + "\n"
-
-
-def _task_section(task: str, m: dict[str, Any]) -> list[str]:
-    summary = [["accuracy", m["accuracy"]], ["balanced accuracy", m["balanced_accuracy"]], ["macro-F1", m["macro_f1"]]]
-    if task == "cancer":
-        pos = m["positive_label"]
-        summary += [["ROC-AUC", m["roc_auc"]], [f"sensitivity ({pos} recall)", m["sensitivity"]],
-                    ["specificity", m["specificity"]]]
-    lines = ["", f"## {task}", "", *_markdown(summary, ["metric", "value"]), ""]
-    if m.get("notes"):
-        lines += [f"> note: {note}" for note in m["notes"]] + [""]
-    per_class = [[label, v["precision"], v["recall"], v["f1"], v["support"]] for label, v in m["per_class"].items()]
-    lines += [*_markdown(per_class, ["class", "precision", "recall", "F1", "images"]), ""]
-    if "per_organ" in m:
-        rows = [[organ, v["n"], v["n_malignant"], v["accuracy"], v["sensitivity"], v["specificity"]]
-                for organ, v in m["per_organ"].items()]
-        lines += ["Cancer head within each true organ:", "",
-                  *_markdown(rows, ["organ", "images", "malignant", "accuracy", "sensitivity", "specificity"]), ""]
-    lines += [f"![{task} {name.replace('_', ' ')}]({file})" for name, file in m["figures"].items()]
-    return lines

@@ -34,6 +34,8 @@ ENGINES = ("keras", "onnx", "int8")  # what runs the inference graph (multitask.
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "int8")
 EXPORT_CALIBRATION_IMAGES = 128  # int8: training images that calibrate the quantisation
 EXPORT_CHECK_IMAGES = 32  # val/test images every export is checked on against Keras
+BOOTSTRAP_RESAMPLES = 1000  # evaluate: resamples behind every 95% interval
+BOOTSTRAP_SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -121,12 +121,27 @@ def test_evaluate_run_on_its_test_split(joint_run, demo_split_csv, tmp_path):
     assert metrics["n_images"] == len(test) and metrics["source"]["split"] == "test"
     assert metrics["organ"]["accuracy"] > 0.5 and metrics["cancer"]["balanced_accuracy"] > 0.6  # chance: 0.11, 0.5
 
-    # The same numbers from the model run independently through the training input pipeline.
+    # The same numbers from the model run independently through the training input pipeline: organ by argmax,
+    # cancer at the run's operating point on the temperature-scaled P(Malignant).
     model = keras.models.load_model(joint_run / "model.keras")
     logits = model.predict(make_dataset(test, image_size=IMAGE_SIZE, batch_size=16, with_labels=False), verbose=0)
+    expected = np.mean(logits["organ"].argmax(axis=1) == test["organ_id"].to_numpy())
+    assert metrics["organ"]["accuracy"] == pytest.approx(expected)
+    calibration = json.loads((joint_run / "config.json").read_text())["calibration"]
+    scaled = logits["cancer"] / calibration["temperatures"]["cancer"]
+    p_malignant = np.exp(scaled[:, 1]) / np.exp(scaled).sum(axis=1)
+    threshold = calibration["malignancy_threshold"]
+    assert metrics["cancer"]["threshold"] == pytest.approx(threshold)
+    decided = (p_malignant >= threshold).astype(int)
+    assert metrics["cancer"]["accuracy"] == pytest.approx(np.mean(decided == test["cancer_id"].to_numpy()))
+    malignant = test["cancer_id"].to_numpy() == 1
+    assert metrics["cancer"]["sensitivity"] == pytest.approx(decided[malignant].mean())
+    assert metrics["cancer"]["at_0.5"]["sensitivity"] == pytest.approx((p_malignant[malignant] >= 0.5).mean())
+    # every headline number has its interval, and the interval holds the number
     for task in ("organ", "cancer"):
-        expected = np.mean(logits[task].argmax(axis=1) == test[f"{task}_id"].to_numpy())
-        assert metrics[task]["accuracy"] == pytest.approx(expected)
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated", "brier"):
+            lo, hi = metrics[task]["ci95"][key]
+            assert lo <= metrics[task][key] + 1e-9 and metrics[task][key] <= hi + 1e-9, (task, key)
     assert sum(map(sum, metrics["organ"]["confusion_matrix"])) == len(test)
     assert sum(v["n"] for v in metrics["cancer"]["per_organ"].values()) == len(test)
 
@@ -135,10 +150,19 @@ def test_evaluate_run_on_its_test_split(joint_run, demo_split_csv, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity"):
         assert isinstance(on_disk["cancer"][key], float)
     report = (tmp_path / "report.md").read_text()
-    for png in ("confusion_organ.png", "confusion_cancer.png", "roc_cancer.png"):
+    for png in ("confusion_organ.png", "confusion_cancer.png", "roc_cancer.png", "reliability_organ.png",
+                "reliability_cancer.png"):
         assert f"]({png})" in report
         assert (tmp_path / png).stat().st_size < MAX_PNG_BYTES
     assert "| Mouth |" in report and "sensitivity" in report
+    lo, hi = metrics["organ"]["ci95"]["accuracy"]
+    assert f"| accuracy | {metrics['organ']['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) |" in report
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    for section in ("## Model details", "## Intended use", "## Training data", "## Labels", "## Metrics",
+                    "## Known limitations"):
+        assert section in card
+    assert "not for clinical decisions" in card.lower() or "clinical decisions without" in card
+    assert f"{threshold:.3f}" in card and "brain_menin" in card
     rows = pd.read_csv(tmp_path / "eval_predictions.csv")
     assert len(rows) == len(test) and (rows["true_organ"] == test["organ"]).all()
     assert not (joint_run / "metrics.json").exists()  # --out was honoured
