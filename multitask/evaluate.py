@@ -11,10 +11,13 @@ is :class:`multitask.predict.Predictor`'s, so evaluation and prediction share on
     roc_cancer.png        ROC curve of the Malignant probability (when both classes are present)
     eval_predictions.csv  one row per evaluated image: true labels beside the predictions
 
-``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "<task>": {"n", "accuracy",
+``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "overlap", "<task>": {"n", "accuracy",
 "balanced_accuracy", "macro_f1", "labels", "per_class", "confusion_matrix", "figures"}}``; the cancer task adds
 ``roc_auc``, ``sensitivity``, ``specificity``, ``positive_label``, ``per_organ`` and ``notes``. Undefined numbers
-(a class absent from the evaluated images) are ``null`` with a note, never a crash.
+(a class absent from the evaluated images) are ``null`` with a note, never a crash. ``overlap`` is
+``{"train": n, "val": n, "fraction": f}``: how many evaluated files (compared by resolved path) the run's own
+``split.csv`` puts in train or val, so a folder the model was trained on is flagged (logged, printed by the
+CLI, and a warning at the top of ``report.md``); ``null`` when the run has no ``split.csv``.
 
 Summary numbers follow scikit-learn: balanced accuracy is the mean recall over the classes present in the true
 labels; macro-F1 averages over the classes present in the true labels or the predictions.
@@ -34,7 +37,8 @@ import pandas as pd
 
 from multitask.data import load_split, scan_tree
 from multitask.errors import DataError
-from multitask.files import save_figure, write_csv, write_json, write_text
+from multitask.files import check_writable, save_figure, write_csv, write_json, write_text
+from multitask.filesystem import resolved_paths
 from multitask.rundir import RunInfo, open_run
 from multitask.settings import BATCH_SIZE
 from multitask.taxonomy import MALIGNANT as POSITIVE_LABEL
@@ -45,6 +49,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PREDICTIONS_FILE = "eval_predictions.csv"
 EXPLAIN_FILE = "explain.png"
+FIT_SPLITS = ("train", "val")  # the splits a run fits its model on, or selects it with (early stopping)
 FIGURE_DPI = 100
 
 
@@ -216,15 +221,21 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
 
     run = open_run(run_dir)
     out = Path(out) if out is not None else run.path
+    check_writable(out, flag="$out", folder=True)  # before the work: the default is the run directory
+    predictor = Predictor.from_run(run)  # a damaged or refused model fails before a long scan
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
-    predictor = Predictor.from_run(run)
+    seen_as = training_rows(run, manifest["path"])
+    note = overlap_note(overlap_counts(seen_as))
+    if note:
+        log.warning(note)
     predicted = predictor.predict_files(manifest["path"].tolist(), batch_size=batch_size)
     failed = predicted["error"].notna().to_numpy()
     unreadable.update(zip(predicted.loc[failed, "path"], predicted.loc[failed, "error"], strict=True))
     manifest, predicted = manifest[~failed].reset_index(drop=True), predicted[~failed].reset_index(drop=True)
 
     metrics: dict[str, Any] = {"n_images": len(manifest), "source": source, "run": str(run.path),
-                               "image_size": run.image_size, "tasks": list(run.tasks), "unreadable": unreadable}
+                               "image_size": run.image_size, "tasks": list(run.tasks), "unreadable": unreadable,
+                               "overlap": overlap_counts(None if seen_as is None else seen_as[~failed])}
     for task in run.tasks:
         labels = run.labels[task]
         probs = predicted[[f"p_{task}_{label}" for label in labels]].to_numpy()
@@ -277,12 +288,40 @@ def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, di
                   "skipped_folders": scan.report.unknown_folders}
         return scan.manifest, source, dict(scan.report.unreadable)
     manifest = load_split(run.split_path, taxonomy=taxonomy)
-    if split == "train":
-        log.warning("evaluating on the training images: expect optimistic numbers")
     chosen = manifest[manifest["split"] == split].reset_index(drop=True)
     if chosen.empty:
         raise DataError(f"{run.split_path} has no {split!r} images; choose another $split or pass $data DIR")
     return chosen, {"kind": "split", "split": split, "path": str(run.split_path)}, {}
+
+
+def training_rows(run: RunInfo, paths: Sequence[str]) -> np.ndarray | None:
+    """Per path, the split of the run's ``split.csv`` that holds the same file (compared by resolved path) when
+    that split is train or val, else None; None instead of the array when the run has no ``split.csv``."""
+    if not run.split_path.is_file():
+        log.warning("%s is missing: cannot tell whether the evaluated images were used in training", run.split_path)
+        return None
+    used = load_split(run.split_path, taxonomy=run.taxonomy, check_files=False)
+    used = used[used["split"].isin(FIT_SPLITS)]
+    split_of = dict(zip(resolved_paths(used["path"]), used["split"], strict=True))
+    return np.array([split_of.get(path) for path in resolved_paths(paths)], dtype=object)
+
+
+def overlap_counts(seen_as: np.ndarray | None) -> dict[str, Any] | None:
+    """``{"train": n, "val": n, "fraction": f}``: evaluated images the run trained on or selected its model with."""
+    if seen_as is None:
+        return None
+    counts = {name: int(np.sum(seen_as == name)) for name in FIT_SPLITS}
+    return {**counts, "fraction": sum(counts.values()) / len(seen_as) if len(seen_as) else 0.0}
+
+
+def overlap_note(overlap: dict[str, Any] | None) -> str | None:
+    """One sentence on an overlap from :func:`overlap_counts`, or None when there is none."""
+    if not overlap or not overlap["fraction"]:
+        return None
+    n = overlap["train"] + overlap["val"]
+    return (f"{n} of the evaluated images ({overlap['fraction']:.1%}) are in the run's own split.csv (train "
+            f"{overlap['train']}, val {overlap['val']}): the model was fitted or selected on them, so expect "
+            "optimistic numbers; evaluate the test split or images the run has not seen")
 
 
 def _task_figures(task: str, result: dict[str, Any], y_true, probs, out: Path) -> dict[str, str]:
@@ -328,6 +367,9 @@ def render_report(metrics: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{metrics['run']}`", "",
              f"{metrics['n_images']} images: {where}, at {metrics['image_size']} px. Predicted class: the most "
              "probable one (for cancer: Malignant when its probability exceeds 0.5).", ""]
+    note = overlap_note(metrics.get("overlap"))
+    if note:
+        lines += [f"> **Warning**: {note}.", ""]
     if metrics["unreadable"]:
         lines += [f"{len(metrics['unreadable'])} unreadable file(s) left out:", ""]
         lines += [f"- `{path}`: {why}" for path, why in metrics["unreadable"].items()] + [""]
