@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from multitask.data import check_split_table
 from multitask.errors import DataError
 from multitask.files import save_figure, write_json
 from multitask.grouping import GroupingResult, Keypoints, nearest, search_space, verify_within_blocks, word_histograms
@@ -114,21 +115,15 @@ def _audit_from_pairs(paths: list[str], split: np.ndarray, names: list[str], pai
 
 
 def read_split_table(path: str | os.PathLike) -> pd.DataFrame:
-    """A split CSV from any tool: needs ``path`` and ``split`` columns; relative paths resolve against its folder."""
+    """A split CSV from any tool: needs ``path`` and ``split`` columns; relative paths resolve against its folder.
+
+    Checked as :func:`multitask.data.check_split_table` does (files present, each file in one split, once).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} does not exist; pass a CSV with path and split columns")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("path", "split") if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected at least path and split "
-                        f"(found {', '.join(frame.columns)})")
-    frame = frame.copy()
-    frame["path"] = [p if os.path.isabs(p) or os.path.exists(p) else str(path.parent / p) for p in frame["path"]]
-    gone = [p for p in frame["path"] if not os.path.isfile(p)]
-    if gone:
-        raise DataError(f"{path}: {len(gone)} of {len(frame)} listed images do not exist (first: {gone[0]}); "
-                        "restore them or fix the paths")
+    frame = check_split_table(pd.read_csv(path, dtype=str, keep_default_na=False), source=path,
+                              relative_to=path.parent)
     if "subclass" in frame.columns and (frame["subclass"] == "").any():
         frame = frame.drop(columns="subclass")  # partly labelled: compare across the whole set instead
         log.warning("%s: some rows have no subclass; candidates are searched across the whole set", path)

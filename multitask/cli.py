@@ -73,8 +73,11 @@ def add_download(p: argparse.ArgumentParser) -> None:
 
 def run_scan(args: argparse.Namespace) -> int:
     from multitask.data import counts_table, save_split, scan_tree, split_manifest
+    from multitask.files import check_writable
     from multitask.taxonomy import load_taxonomy
 
+    if args.out:  # now, not after a grouped split of the full set (~30 minutes)
+        check_writable(args.out, flag="$out")
     taxonomy = load_taxonomy(args.taxonomy)
     result = scan_tree(args.data, taxonomy=taxonomy, verify=args.verify, allow_unknown=args.allow_unknown)
     manifest, report = result.manifest, result.report
@@ -84,6 +87,12 @@ def run_scan(args: argparse.Namespace) -> int:
     print(f"\n{len(manifest)} images in {manifest['subclass'].nunique()} subclasses under {report.root}")
     if report.ignored_files:
         print(f"ignored {report.ignored_files} non-image file(s)")
+    if report.not_regular:
+        print(f"skipped {len(report.not_regular)} image name(s) that are not regular files (FIFO, socket, ...)")
+    if report.skipped_links:
+        print(f"did not follow {len(report.skipped_links)} folder link(s) back into the tree (loops)")
+    if report.duplicates:
+        print(f"dropped {report.duplicates} duplicate file(s) reached again through links")
     if report.unknown_folders:
         print(f"skipped {len(report.unknown_folders)} folder(s) not in the taxonomy")
     if report.missing_subclasses:
@@ -264,6 +273,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from multitask.evaluate import METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE, evaluate_run, summary_table
+    from multitask.report import overlap_note
 
     metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
                            batch_size=args.batch_size, explain=args.explain, calibrated=not args.uncalibrated,
@@ -279,10 +289,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"cancer: Malignant when P(Malignant) >= {cancer['threshold']:.3f} ({cancer['threshold_source']})")
     if "ood" in metrics:
         print(f"out of distribution: {metrics['ood']['n_flagged']} of {metrics['n_images']} images flagged")
-    overlap = metrics["overlap"]
-    if overlap["fraction"]:
-        print(f"warning: {overlap['train'] + overlap['val']} of the evaluated images ({overlap['fraction']:.0%}) "
-              "were used to train or validate this run: expect optimistic numbers")
+    note = overlap_note(metrics["overlap"])
+    if note:
+        print(f"warning: {note}")
     if metrics["unreadable"]:
         print(f"\nleft out {len(metrics['unreadable'])} unreadable file(s):")
         for path, reason in metrics["unreadable"].items():
@@ -309,11 +318,16 @@ PREDICT_ROWS_SHOWN = 50
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from multitask.files import check_writable
     from multitask.predict import Predictor, sample_predictions, write_predictions
 
     if bool(args.paths) == (args.sample is not None):
         print("multitask predict: error: give image PATHs or --sample N (not both, not neither)", file=sys.stderr)
         return 2
+    if args.out:
+        check_writable(args.out, flag="$out")
+    if args.explain:
+        check_writable(args.explain, flag="$explain", folder=True)
     predictor = Predictor.from_run(args.run_dir, engine=args.engine, calibrated=not args.uncalibrated,
                                    threshold=args.threshold)
     if args.sample is not None:

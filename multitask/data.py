@@ -21,6 +21,15 @@ import pandas as pd
 
 from multitask.errors import ConfigError, DataError
 from multitask.files import write_csv
+from multitask.filesystem import (
+    WalkReport,
+    file_kind,
+    first_few,
+    is_regular_file,
+    log_walk_report,
+    resolved_paths,
+    walk_files,
+)
 from multitask.settings import DEFAULT_FRACTIONS, DEFAULT_SPLIT_METHOD, SPLIT_METHODS, SPLITS, check_fractions
 from multitask.taxonomy import TASKS, Taxonomy, load_taxonomy
 
@@ -37,12 +46,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-@dataclass
-class ScanReport:
+@dataclass(kw_only=True)
+class ScanReport(WalkReport):
     """What :func:`scan_tree` found besides the manifest."""
 
     root: str
-    ignored_files: int = 0
     unknown_folders: dict[str, int] = field(default_factory=dict)  # folder path -> image count
     missing_subclasses: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
@@ -71,10 +79,7 @@ def scan_tree(
     report = ScanReport(root=str(root))
     rows: list[tuple[str, str]] = []
     seen_at: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        images = sorted(f for f in filenames if is_image_file(f))
-        report.ignored_files += len(filenames) - len(images)
+    for dirpath, images in walk_files(root, keep=is_image_file, report=report):
         if not images:
             continue
         name = os.path.basename(dirpath)
@@ -82,7 +87,8 @@ def scan_tree(
             report.unknown_folders[dirpath] = len(images)
             continue
         seen_at.setdefault(name, []).append(dirpath)
-        rows.extend((os.path.abspath(os.path.join(dirpath, f)), name) for f in images)
+        rows.extend((path, name) for path in images)
+    log_walk_report(report, root)
 
     if report.unknown_folders and not allow_unknown:
         listing = "; ".join(f"{p} ({n} images)" for p, n in sorted(report.unknown_folders.items())[:10])
@@ -135,10 +141,13 @@ def label_paths(frame: pd.DataFrame, taxonomy: Taxonomy) -> pd.DataFrame:
 
 
 def image_problem(path: str) -> str | None:
-    """Why ``path`` cannot be used as an image, or None when it decodes fully."""
+    """Why ``path`` cannot be used as an image, or None when it decodes fully. Only regular files are opened."""
     from PIL import Image, UnidentifiedImageError
 
     try:
+        kind = file_kind(os.stat(path).st_mode)
+        if kind != "regular file":
+            return f"not a regular file (a {kind})"
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as im:
@@ -316,27 +325,81 @@ def save_split(manifest: pd.DataFrame, path: str | os.PathLike) -> Path:
 def load_split(
     path: str | os.PathLike, *, taxonomy: Taxonomy | None = None, check_files: bool = True
 ) -> pd.DataFrame:
-    """Read a split manifest written by :func:`save_split`, relabelled with ``taxonomy``; checks the files exist."""
+    """Read a split manifest written by :func:`save_split`, relabelled with ``taxonomy``; checks it as
+    :func:`check_split_table` does (columns, split names, files present, each file once)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} does not exist; create one with `multitask scan DATA --out {path}`")
     frame = pd.read_csv(path, dtype={"path": str, "subclass": str, "split": str}, keep_default_na=False)
-    missing_cols = [c for c in ("path", "subclass", "split") if c not in frame.columns]
-    if missing_cols:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing_cols)}; is this a split manifest?")
-    bad = sorted(set(frame["split"]) - set(SPLITS))
-    if bad:
-        raise DataError(f"{path}: unknown split value(s) {', '.join(bad)}; expected {', '.join(SPLITS)}")
-    if check_files:
-        gone = [p for p in frame["path"] if not os.path.isfile(p)]
-        if gone:
-            raise DataError(
-                f"{path}: {len(gone)} of {len(frame)} listed images no longer exist (first: {gone[0]}); "
-                "restore the data at the same location or make a new split with `multitask scan --out`"
-            )
+    frame = check_split_table(frame, source=path, columns=("path", "subclass", "split"), splits=SPLITS,
+                              check_files=check_files)
     extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
     labelled = label_paths(frame, taxonomy or load_taxonomy())
     return pd.concat([labelled, frame[extra].reset_index(drop=True)], axis=1)
+
+
+def check_split_table(
+    frame: pd.DataFrame,
+    *,
+    source: str | os.PathLike,
+    columns: Sequence[str] = ("path", "split"),
+    splits: Sequence[str] | None = None,
+    check_files: bool = True,
+    relative_to: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """``frame`` when it is a usable split table (a copy whose relative paths, unless they exist as given, are
+    joined to ``relative_to`` when that is given); DataError naming ``source``, the rows and the fix otherwise.
+
+    Checks, in order: the ``columns`` are there; split values are among ``splits`` (when given); every listed
+    file exists as a regular file (``check_files``); and no file is listed twice, compared by resolved path (two
+    spellings of one file, or a link, count as one). A file in two splits is refused because the model would be
+    tested on images it trained on. A repeated row within one split is refused too rather than dropped: no tool
+    of ours writes one, so it means a hand edit or a concatenation, and keeping it would silently count the image
+    twice in training or in the metrics; the fix (keep one row per file) is the user's to make.
+    """
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)}; expected at least {', '.join(columns)} "
+                        f"(found {', '.join(map(str, frame.columns)) or 'none'}); is this a split manifest?")
+    if splits is not None:
+        bad = sorted(set(frame["split"]) - set(splits))
+        if bad:
+            raise DataError(f"{source}: unknown split value(s) {', '.join(bad)}; expected {', '.join(splits)}")
+    if relative_to is not None:
+        frame = frame.assign(path=[p if os.path.isabs(p) or os.path.exists(p) else os.path.join(relative_to, p)
+                                   for p in frame["path"]])
+    if check_files:
+        gone = [p for p in frame["path"] if not is_regular_file(p)]
+        if gone:
+            raise DataError(
+                f"{source}: {len(gone)} of {len(frame)} listed images no longer exist (first: {gone[0]}); "
+                "only regular files count. Restore the data at the same location, fix the paths, or make a new split "
+                "with `multitask scan DATA --out`"
+            )
+    _check_each_file_once(frame, source=source)
+    return frame
+
+
+def _check_each_file_once(frame: pd.DataFrame, *, source: str | os.PathLike) -> None:
+    resolved = pd.Series(resolved_paths(frame["path"]), index=frame.index)
+    repeated = resolved.duplicated(keep=False)
+    if not repeated.any():
+        return
+    splits_of = frame.loc[repeated, "split"].groupby(resolved[repeated], sort=False).agg(list)
+    across = splits_of[splits_of.map(lambda names: len(set(names)) > 1)]
+    if len(across):
+        listing = first_few([f"{path} ({', '.join(names)})" for path, names in across.items()])
+        raise DataError(
+            f"{source}: {len(across)} file(s) are listed in more than one split, so the model would be tested on "
+            f"images it trained on: {listing}. Keep one row per file (in the split it belongs to), or make a new "
+            "split with `multitask scan DATA --out`"
+        )
+    listing = first_few([f"{path} ({len(names)} rows in {names[0]})" for path, names in splits_of.items()])
+    raise DataError(
+        f"{source}: {len(splits_of)} file(s) are listed more than once within one split, which would count each "
+        f"image twice: {listing}. Delete the repeated rows (one row per file), or make a new split with "
+        "`multitask scan DATA --out`"
+    )
 
 
 def counts_table(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -358,12 +421,17 @@ def load_image(path, image_size: int):
 
 def indexed_images(paths: Sequence[str], *, image_size: int, batch_size: int):
     """Batches of (row indices into ``paths``, images); files that fail to read or decode are dropped, so their
-    index is simply absent (callers find the failed rows by what is missing)."""
+    index is simply absent (callers find the failed rows by what is missing).
+
+    Only regular files reach TensorFlow: opening a FIFO would block its reader thread, and the caller, forever.
+    """
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    names = tf.constant(list(paths), tf.string)  # bytes, not numpy's fixed-width unicode: small for 100k paths
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), names))
+    paths = list(paths)
+    index = [i for i, path in enumerate(paths) if is_regular_file(path)]
+    names = tf.constant([paths[i] for i in index], tf.string)  # bytes, not numpy's fixed-width unicode: small
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(index, tf.int64), names))
     ds = ds.map(lambda index, path: (index, load_image(path, image_size)), num_parallel_calls=autotune)
     return ds.ignore_errors().batch(batch_size).prefetch(autotune)
 

@@ -43,8 +43,9 @@ from multitask import calibration as cal
 from multitask.data import load_split, scan_tree
 from multitask.errors import DataError
 from multitask.figures import confusion_figure, reliability_figure, roc_figure
-from multitask.files import read_json, write_csv, write_json, write_text
-from multitask.report import render_model_card, render_report
+from multitask.files import check_writable, read_json, write_csv, write_json, write_text
+from multitask.filesystem import resolved_paths
+from multitask.report import overlap_note, render_model_card, render_report
 from multitask.rundir import RunInfo, claim_files, open_run
 from multitask.settings import BATCH_SIZE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from multitask.synthetic import SYNTHETIC_MARK
@@ -59,6 +60,7 @@ PREDICTIONS_FILE = "eval_predictions.csv"
 EXPLAIN_FILE = "explain.png"
 AUDIT_FILE = Path("split_audit") / "audit.json"  # where `multitask audit-split RUN/split.csv` writes
 POSITIVE_LABEL = MALIGNANT  # the positive class of the cancer head
+FIT_SPLITS = ("train", "val")  # the splits a run fits its model on, or selects it with (early stopping)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -212,8 +214,13 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
 
     run = open_run(run_dir)
     out = Path(out) if out is not None else run.path
+    check_writable(out, flag="$out", folder=True)  # before the work: the default is the run directory
+    predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold)  # a bad model fails first
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
-    predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold)
+    seen_as = training_rows(run, manifest["path"])
+    note = overlap_note(overlap_counts(seen_as))
+    if note:
+        log.warning(note)
     predicted = predictor.predict_files(manifest["path"].tolist(), batch_size=batch_size)
     failed = predicted["error"].notna().to_numpy()
     unreadable.update(zip(predicted.loc[failed, "path"], predicted.loc[failed, "error"], strict=True))
@@ -226,7 +233,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         "tasks": list(run.tasks), "unreadable": unreadable, "calibrated": calibrated,
         "bootstrap": {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": 0.95,
                       "stratified_by": "true class of each head"},
-        "overlap": run_overlap(run, manifest["path"]),
+        "overlap": overlap_counts(None if seen_as is None else seen_as[~failed]),
     }
     for task in run.tasks:
         labels = run.labels[task]
@@ -264,18 +271,24 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     return metrics
 
 
-def run_overlap(run: RunInfo, paths: Sequence[str]) -> dict[str, Any]:
-    """How many of the evaluated files the run trained or validated on (by resolved path)."""
-    split = load_split(run.split_path, taxonomy=run.taxonomy, check_files=False)
-    resolved = {os.path.realpath(p): s for p, s in zip(split["path"], split["split"], strict=True)}
-    used = [resolved.get(os.path.realpath(p)) for p in paths]
-    counts = {name: int(sum(u == name for u in used)) for name in ("train", "val")}
-    fraction = (counts["train"] + counts["val"]) / max(len(used), 1)
-    if fraction:
-        log.warning("%d of the %d evaluated images were used to train (%d) or validate (%d) this run (%.0f%%): "
-                    "expect optimistic numbers", counts["train"] + counts["val"], len(used), counts["train"],
-                    counts["val"], 100 * fraction)
-    return {**counts, "fraction": fraction}
+def training_rows(run: RunInfo, paths: Sequence[str]) -> np.ndarray | None:
+    """Per path, the split of the run's ``split.csv`` that holds the same file (compared by resolved path) when
+    that split is train or val, else None; None instead of the array when the run has no ``split.csv``."""
+    if not run.split_path.is_file():
+        log.warning("%s is missing: cannot tell whether the evaluated images were used in training", run.split_path)
+        return None
+    used = load_split(run.split_path, taxonomy=run.taxonomy, check_files=False)
+    used = used[used["split"].isin(FIT_SPLITS)]
+    split_of = dict(zip(resolved_paths(used["path"]), used["split"], strict=True))
+    return np.array([split_of.get(path) for path in resolved_paths(paths)], dtype=object)
+
+
+def overlap_counts(seen_as: np.ndarray | None) -> dict[str, Any] | None:
+    """``{"train": n, "val": n, "fraction": f}``: evaluated images the run trained on or selected its model with."""
+    if seen_as is None:
+        return None
+    counts = {name: int(np.sum(seen_as == name)) for name in FIT_SPLITS}
+    return {**counts, "fraction": sum(counts.values()) / len(seen_as) if len(seen_as) else 0.0}
 
 
 def _per_organ(manifest: pd.DataFrame, y_true, probs, labels, threshold: float, resamples: int) -> dict[str, Any]:
@@ -329,8 +342,6 @@ def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, di
                   "skipped_folders": scan.report.unknown_folders}
         return scan.manifest, source, dict(scan.report.unreadable)
     manifest = load_split(run.split_path, taxonomy=taxonomy)
-    if split == "train":
-        log.warning("evaluating on the training images: expect optimistic numbers")
     chosen = manifest[manifest["split"] == split].reset_index(drop=True)
     if chosen.empty:
         raise DataError(f"{run.split_path} has no {split!r} images; choose another $split or pass $data DIR")

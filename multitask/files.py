@@ -1,5 +1,6 @@
 """Writing files safely: atomic writes (a reader or a crash never sees half a file), one writer each for JSON, CSV
-and figures, stale temporary files, and free-space checks. No project imports: every module may use it."""
+and figures, stale temporary files, free-space checks, and a writability check made before long work. No project
+imports at module level: every module may use it."""
 
 from __future__ import annotations
 
@@ -118,3 +119,41 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, *, what: str)
     if free < needed_bytes:
         raise OSError(errno.ENOSPC, f"only {free / 2**20:.0f} MB free under {probe}; {what} needs about "
                                     f"{needed_bytes / 2**20:.0f} MB: free some space or write somewhere else")
+
+
+def check_writable(path: str | os.PathLike, *, flag: str, folder: bool = False) -> Path:
+    """The folder that ``path`` (a file to write, or with ``folder=True`` a folder to write into) would go into;
+    ConfigError naming ``flag`` (a ``$parameter``, see :mod:`multitask.errors`) when it cannot be written there.
+    Creates nothing: the probe file is removed.
+
+    Folders that do not exist yet are fine when their nearest existing ancestor is writable (they will be made).
+    """
+    from multitask.errors import ConfigError  # no project imports at module level: every module may use this one
+
+    path = Path(path).expanduser()
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'out.csv'}")
+    target = path if folder else path.parent
+    existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write {path}: {existing} is a file, not a folder; choose another location "
+                          f"with {flag}")
+    problem = _write_problem(existing)
+    if problem:
+        raise ConfigError(f"cannot write {path}: {existing} is not writable ({problem}); choose a writable "
+                          f"location with {flag}")
+    return target
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why a new file cannot be created in ``folder``, or None. A real probe: permission bits do not bind root,
+    while a read-only file system or a pseudo file system (/proc, /sys) refuses root too."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".write-probe{TEMP_TAG}")
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    os.close(fd)
+    os.unlink(name)
+    return None

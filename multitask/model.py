@@ -47,12 +47,29 @@ def resolve_weights(weights: str | os.PathLike | None) -> str | None:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ModelError(
-            f"weights file {path} does not exist; pass $weights=imagenet (downloads once), $weights=none "
-            "(random initialisation), or the path of InceptionV3 'notop' weights "
-            "(inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5)"
-        )
+        raise ModelError(f"weights file {path} does not exist; {WEIGHTS_HINT}")
+    hdf5 = is_hdf5(path)
+    if not hdf5 or path.suffix.lower() not in (".h5", ".hdf5"):  # checked before a 100 MB model is built
+        found = f"an HDF5 file named {path.name}" if hdf5 else "a file without the HDF5 signature"
+        raise ModelError(f"{path} is not InceptionV3 weights: expected an HDF5 file named *.h5, found {found}; "
+                         f"{WEIGHTS_HINT}")
     return str(path)
+
+
+WEIGHTS_HINT = ("pass $weights=imagenet (downloads once), $weights=none (random initialisation), or the path of "
+                "InceptionV3 'notop' weights (inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5)")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+HDF5_SIGNATURE_OFFSETS = (0, 512, 1024, 2048)  # the superblock may follow a user block of 512 * 2**k bytes
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts (or, after a user block, continues) with the HDF5 signature; reads a few bytes."""
+    with open(path, "rb") as fh:
+        for offset in HDF5_SIGNATURE_OFFSETS:
+            fh.seek(offset)
+            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+    return False
 
 
 def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "imagenet") -> keras.Model:
@@ -65,6 +82,12 @@ def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "i
     scaled = keras.layers.Rescaling(scale=1.0 / 127.5, offset=-1.0, name="inception_scaling")(image)
     try:
         inception = keras.applications.InceptionV3(include_top=False, weights=weights, input_tensor=scaled)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:  # h5py and keras on a file of other weights
+        if weights in (None, "imagenet"):
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"{weights} is not InceptionV3 'notop' weights: keras could not load it "
+                         f"({type(exc).__name__}: {first_line}); {WEIGHTS_HINT}") from exc
     except Exception as exc:  # keras raises a bare Exception on a failed download
         if weights != "imagenet" or "fetch failure" not in str(exc).lower():
             raise

@@ -40,6 +40,7 @@ from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_i
 from multitask.engines import Engine
 from multitask.errors import ConfigError, DataError, RunError
 from multitask.files import write_csv, write_json
+from multitask.filesystem import WalkReport, is_regular_file, log_walk_report, walk_files
 from multitask.inference import OOD_SCORE
 from multitask.rundir import RunInfo, open_run
 from multitask.settings import BATCH_SIZE
@@ -61,8 +62,9 @@ def probability_column(task: str, label: str) -> str:
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
     """Files to predict: files as given, image files under folders (recursive, sorted) and matches of globs.
 
-    A named file is kept whatever its extension or existence (a missing one gets an error row, not silence);
-    folders and globs contribute image files only (:func:`multitask.data.is_image_file`).
+    A named file is kept whatever its extension, existence or kind (a missing file or a FIFO gets an error row,
+    not silence); folders and globs contribute regular image files only (:func:`multitask.filesystem.walk_files`:
+    folder links that loop are not followed, a file reached twice is listed once).
     """
     files: list[str] = []
     for item in map(str, inputs):
@@ -72,11 +74,11 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
             if not found:
                 log.warning("no image files under %s", path)
             files.extend(found)
-        elif os.path.exists(path) or not GLOB_CHARS.intersection(path):
+        elif os.path.lexists(path) or not GLOB_CHARS.intersection(path):
             files.append(path)
         else:
             matches = sorted(glob.glob(path, recursive=True))
-            found = [m for m in matches if os.path.isfile(m) and is_image_file(m)]
+            found = [m for m in matches if is_regular_file(m) and is_image_file(m)]
             for folder in (m for m in matches if os.path.isdir(m)):
                 found.extend(_images_under(folder))
             if not found:
@@ -86,10 +88,9 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def _images_under(folder: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+    report = WalkReport()
+    found = [path for _, images in walk_files(folder, keep=is_image_file, report=report) for path in images]
+    log_walk_report(report, folder)
     return found
 
 

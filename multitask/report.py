@@ -39,6 +39,16 @@ def with_interval(metrics: dict[str, Any], key: str) -> str:
     return format_interval(metrics.get(key), lo, hi)
 
 
+def overlap_note(overlap: dict[str, Any] | None) -> str | None:
+    """One sentence on an evaluation's overlap with the run's train/val images, or None when there is none."""
+    if not overlap or not overlap["fraction"]:
+        return None
+    n = overlap["train"] + overlap["val"]
+    return (f"{n} of the evaluated images ({overlap['fraction']:.1%}) are in the run's own split.csv (train "
+            f"{overlap['train']}, val {overlap['val']}): the model was fitted or selected on them, so expect "
+            "optimistic numbers; evaluate the test split or images the run has not seen")
+
+
 def _where(metrics: dict[str, Any]) -> str:
     source = metrics["source"]
     if source["kind"] == "split":
@@ -57,11 +67,9 @@ def render_report(metrics: dict[str, Any]) -> str:
              f"{'calibrated (temperature-scaled per head)' if metrics['calibrated'] else 'uncalibrated (raw softmax)'}."
              f" Intervals are 95% bootstrap intervals ({boot['resamples']:,} resamples of the evaluated images, "
              f"stratified by true class, seed {boot['seed']}).", ""]
-    overlap = metrics.get("overlap") or {}
-    if overlap.get("fraction"):
-        lines += [f"> **Warning:** {overlap.get('train', 0)} training and {overlap.get('val', 0)} validation images "
-                  f"of the run are among the evaluated images ({overlap['fraction']:.0%}): expect optimistic "
-                  "numbers.", ""]
+    note = overlap_note(metrics.get("overlap"))
+    if note:
+        lines += [f"> **Warning**: {note}.", ""]
     if metrics["unreadable"]:
         lines += [f"{len(metrics['unreadable'])} unreadable file(s) left out:", ""]
         lines += [f"- `{path}`: {why}" for path, why in metrics["unreadable"].items()] + [""]
@@ -207,8 +215,8 @@ def _limitations(run: RunInfo, metrics: dict[str, Any], split: pd.DataFrame, syn
     if len(notes):
         lines.append("- Labelling choices: " + "; ".join(f"{r.subclass} counts as {r.cancer} ({r.note})"
                                                         for r in notes.itertuples()) + ".")
-    overlap = metrics.get("overlap") or {}
-    if overlap.get("fraction"):
-        lines.append(f"- {overlap['fraction']:.0%} of the evaluated images were used in training or validation.")
+    note = overlap_note(metrics.get("overlap"))
+    if note:
+        lines.append(f"- {note}.")
     lines.append("- Small evaluation sets give wide intervals: read the intervals, not the point values.")
     return lines + [""]

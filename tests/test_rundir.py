@@ -223,3 +223,11 @@ def test_library_messages_name_parameters_and_the_cli_names_flags():
     assert str(error) == "choose another out, or pass overwrite; fine_tune_learning_rate=0 is not allowed"
     assert cli_message(error) == ("choose another --out, or pass --overwrite; "
                                                 "--fine-tune-learning-rate=0 is not allowed")
+
+
+def test_an_unwritable_out_is_a_one_line_error_before_any_work(demo_split_csv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a file where a folder would have to be: refused for root too
+    rc = cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(blocker / "run"), "--weights", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a file, not a folder; choose another location with --out" in err[0]
