@@ -41,7 +41,8 @@ def run_one(name: str, settings: dict, *, split_file: Path, out: Path, args) -> 
                          image_size=args.image_size, cache_dir=str(out / "cache"), seed=args.seed, overwrite=True,
                          verbose=0, **settings)
     info = train(config)
-    row = {"name": name, **settings, "best_val_task_loss": min(v for v in info.config["best"].values() if v),
+    best = [info.config["best"][phase] for phase in ("heads", "fine_tune") if info.config["best"][phase] is not None]
+    row = {"name": name, **settings, "best_val_task_loss": min(best),
            "saved": f"{info.config['saved']['phase']}@{info.config['saved']['epoch']}",
            "seconds": sum(info.config["timings"].values())}
     for split in ("val", "test"):

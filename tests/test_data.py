@@ -58,7 +58,7 @@ def test_scan_counts_ignored_files_and_missing_subclasses(bad_tree, caplog):
     assert result.report.ignored_files == 0
     assert "all_benign" in result.report.missing_subclasses and len(result.report.missing_subclasses) == 23
     assert "not found" in caplog.text
-    assert scan_tree(bad_tree).report.ignored_files == 1  # notes.txt
+    assert scan_tree(bad_tree).report.ignored_files == 2  # notes.txt and the generator's SYNTHETIC.txt
 
 
 def test_non_image_extensions_are_ignored_case_insensitively(tmp_path):
