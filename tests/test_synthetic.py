@@ -50,4 +50,5 @@ def test_demo_data_cli(tmp_path, capsys):
     assert cli.main(["demo-data", str(tmp_path), "--per-class", "1", "--size", "80", "--with-bad-files"]) == 0
     assert "synthetic" in capsys.readouterr().out
     assert len(list(tmp_path.rglob("*.jpg"))) == 26 + 4
-    assert len(list(tmp_path.rglob("*.txt"))) == 1
+    # SYNTHETIC.txt marks the dataset; notes.txt is one of the planted bad files.
+    assert sorted(p.name for p in tmp_path.rglob("*.txt")) == ["SYNTHETIC.txt", "notes.txt"]
