@@ -16,6 +16,11 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-sample"
+# Built by ../shared/tools/pretrained-weights (.ci/run does it where ../shared exists): the offline stand-in for
+# ImageNet weights. Users' clones have neither, so the tests that need them skip.
+PRETRAINED_WEIGHTS = Path(os.environ.get("MULTITASK_PRETRAINED_WEIGHTS", Path.home() / ".cache" / "multitask"
+                                         / "inception_v3_pretrained_notop.weights.h5"))
+REAL_IMAGE_SIZE = 160
 IMAGE_SIZE = 75  # InceptionV3's minimum: the cheapest size that exercises the real architecture
 
 
@@ -73,3 +78,33 @@ def cancer_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
     """A finished single-task cancer run at IMAGE_SIZE, trained one epoch."""
     return tiny_run(tmp_path_factory.mktemp("cancer") / "run", demo_split_csv, feature_cache, task="cancer",
                     epochs=1)
+
+
+@pytest.fixture(scope="session")
+def pretrained_weights() -> Path:
+    """Pretrained InceptionV3 "notop" weights (see PRETRAINED_WEIGHTS); skipped where they were not built."""
+    if not PRETRAINED_WEIGHTS.is_file():
+        pytest.skip(f"pretrained weights not built: run ../shared/tools/pretrained-weights ({PRETRAINED_WEIGHTS})")
+    return PRETRAINED_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def real_split_csv(real_sample, tmp_path_factory) -> Path:
+    """The real sample's leakage-aware (grouped) 70/15/15 split, seed 42: what `multitask train` makes by default."""
+    from multitask.data import save_split, scan, split_manifest
+
+    out = tmp_path_factory.mktemp("real-split")
+    split = split_manifest(scan(real_sample), seed=42, method="grouped", cache_dir=out / "keypoints")
+    return save_split(split, out / "split.csv")
+
+
+@pytest.fixture(scope="session")
+def real_run(real_split_csv, pretrained_weights, tmp_path_factory) -> Path:
+    """A joint run on the real sample with the pretrained backbone, frozen, at 160 px, with the default settings."""
+    from multitask.settings import TrainConfig
+    from multitask.train import train
+
+    out = tmp_path_factory.mktemp("real-run")
+    config = TrainConfig(out=str(out / "run"), split_file=str(real_split_csv), weights=str(pretrained_weights),
+                         image_size=REAL_IMAGE_SIZE, cache_dir=str(out / "cache"), verbose=0)
+    return train(config).path
