@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.data import check_split_table
 from multitask.errors import DataError
 from multitask.files import save_figure, write_json
 from multitask.grouping import GroupingResult, Keypoints, nearest, search_space, verify_within_blocks, word_histograms
 from multitask.settings import SPLITS, GroupingParams
+from multitask.splits import check_split_table
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _audit_from_pairs(paths: list[str], split: np.ndarray, names: list[str], pai
 def read_split_table(path: str | os.PathLike) -> pd.DataFrame:
     """A split CSV from any tool: needs ``path`` and ``split`` columns; relative paths resolve against its folder.
 
-    Checked as :func:`multitask.data.check_split_table` does (files present, each file in one split, once).
+    Checked as :func:`multitask.splits.check_split_table` does (files present, each file in one split, once).
     """
     path = Path(path)
     if not path.is_file():

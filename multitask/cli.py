@@ -72,8 +72,9 @@ def add_download(p: argparse.ArgumentParser) -> None:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from multitask.data import counts_table, save_split, scan_tree, split_manifest
+    from multitask.data import counts_table, scan_tree
     from multitask.files import check_writable
+    from multitask.splits import save_split, split_manifest
     from multitask.taxonomy import load_taxonomy
 
     if args.out:  # now, not after a grouped split of the full set (~30 minutes)

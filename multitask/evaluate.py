@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from multitask import calibration as cal
-from multitask.data import load_split, scan_tree
+from multitask.data import scan_tree
 from multitask.errors import DataError
 from multitask.figures import confusion_figure, reliability_figure, roc_figure
 from multitask.files import check_writable, read_json, write_csv, write_json, write_text
@@ -48,6 +48,7 @@ from multitask.filesystem import resolved_paths
 from multitask.report import overlap_note, render_model_card, render_report
 from multitask.rundir import RunInfo, claim_files, open_run
 from multitask.settings import BATCH_SIZE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from multitask.splits import load_split
 from multitask.synthetic import SYNTHETIC_MARK
 from multitask.taxonomy import MALIGNANT, ORGAN_LABELS
 

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.data import load_image, load_split
+from multitask.data import load_image
 from multitask.engines import Engine, KerasEngine, OnnxEngine, SavedModelEngine
 from multitask.errors import ConfigError, ExportError
 from multitask.files import read_json, write_json
 from multitask.inference import inference_model, output_names
 from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
 from multitask.settings import ENGINES, EXPORT_CALIBRATION_IMAGES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
+from multitask.splits import load_split
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file, load_split
+from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file
 from multitask.engines import Engine
 from multitask.errors import ConfigError, DataError, RunError
 from multitask.files import write_csv, write_json
@@ -44,6 +44,7 @@ from multitask.filesystem import WalkReport, is_regular_file, log_walk_report, w
 from multitask.inference import OOD_SCORE
 from multitask.rundir import RunInfo, open_run
 from multitask.settings import BATCH_SIZE
+from multitask.splits import load_split
 from multitask.taxonomy import MALIGNANT
 
 log = logging.getLogger(__name__)

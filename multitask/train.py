@@ -31,16 +31,7 @@ import pandas as pd
 
 from multitask import callbacks as handlers
 from multitask.calibration import calibration_record, fit_calibration
-from multitask.data import (
-    class_weights,
-    indexed_images,
-    load_split,
-    make_dataset,
-    sample_weights,
-    save_split,
-    scan_tree,
-    split_manifest,
-)
+from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree
 from multitask.distribute import make_strategy, worker_role
 from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
@@ -48,6 +39,7 @@ from multitask.history import best_epoch, plot_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
 from multitask.rundir import CACHE_DIR, HISTORY_FILE, HISTORY_PLOT, TENSORBOARD_DIR, RunDir, RunInfo, package_versions
 from multitask.settings import TrainConfig
+from multitask.splits import load_split, save_split, split_manifest
 from multitask.taxonomy import load_taxonomy
 from multitask.weighting import MultiTaskTrainer, make_weighting
 

@@ -35,7 +35,8 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_split_csv(demo_data, tmp_path_factory) -> Path:
     """A saved 70/15/15 split manifest of ``demo_data`` (seed 42)."""
-    from multitask.data import save_split, scan, split_manifest
+    from multitask.data import scan
+    from multitask.splits import save_split, split_manifest
 
     path = tmp_path_factory.mktemp("split") / "split.csv"
     save_split(split_manifest(scan(demo_data), seed=42), path)
@@ -91,7 +92,8 @@ def pretrained_weights() -> Path:
 @pytest.fixture(scope="session")
 def real_split_csv(real_sample, tmp_path_factory) -> Path:
     """The real sample's leakage-aware (grouped) 70/15/15 split, seed 42: what `multitask train` makes by default."""
-    from multitask.data import save_split, scan, split_manifest
+    from multitask.data import scan
+    from multitask.splits import save_split, split_manifest
 
     out = tmp_path_factory.mktemp("real-split")
     split = split_manifest(scan(real_sample), seed=42, method="grouped", cache_dir=out / "keypoints")

@@ -10,17 +10,9 @@ import pytest
 from PIL import Image
 
 from multitask import cli
-from multitask.data import (
-    IMAGE_EXTENSIONS,
-    counts_table,
-    load_split,
-    make_dataset,
-    save_split,
-    scan,
-    scan_tree,
-    split_manifest,
-)
+from multitask.data import IMAGE_EXTENSIONS, counts_table, make_dataset, scan, scan_tree
 from multitask.errors import ConfigError, DataError
+from multitask.splits import load_split, save_split, split_manifest
 from multitask.synthetic import BAD_FILE_NAMES, DEMO_ROOT, generate
 
 PER_CLASS = 4

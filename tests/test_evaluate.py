@@ -114,7 +114,8 @@ def test_evaluate_run_on_its_test_split(joint_run, demo_split_csv, tmp_path):
     import keras
     from conftest import IMAGE_SIZE
 
-    from multitask.data import load_split, make_dataset
+    from multitask.data import make_dataset
+    from multitask.splits import load_split
 
     metrics = evaluate_run(joint_run, out=tmp_path)
     test = load_split(demo_split_csv).query("split == 'test'").reset_index(drop=True)

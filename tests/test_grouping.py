@@ -15,10 +15,11 @@ from PIL import Image
 from multitask import cli
 from multitask import grouping as grouping_module
 from multitask.audit import count_cross_split_pairs, cross_split_counts
-from multitask.data import load_split, save_split, scan, split_manifest
+from multitask.data import scan
 from multitask.errors import DataError
 from multitask.grouping import connected_groups, feature_key, find_sibling_groups
 from multitask.settings import GroupingParams
+from multitask.splits import load_split, save_split, split_manifest
 from multitask.synthetic import augment_like_kaggle, generate_with_siblings
 
 SUBCLASSES = ["brain_glioma", "breast_benign", "lung_aca", "lymph_cll"]  # grey MRI/mammogram and colour histology

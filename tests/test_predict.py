@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from multitask import cli
-from multitask.data import load_image, load_split
+from multitask.data import load_image
 from multitask.predict import Predictor, collect_images, probability_column, sample_predictions
+from multitask.splits import load_split
 from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 

@@ -17,13 +17,14 @@ import pytest
 
 from multitask import cli
 from multitask.audit import read_split_table
-from multitask.data import image_problem, load_split, scan_tree
+from multitask.data import image_problem, scan_tree
 from multitask.errors import ConfigError, DataError, ModelError
 from multitask.evaluate import overlap_counts, training_rows
 from multitask.files import check_writable
 from multitask.filesystem import resolved_paths
 from multitask.predict import Predictor, collect_images
 from multitask.rundir import open_run
+from multitask.splits import load_split
 from multitask.synthetic import DEMO_ROOT, generate
 
 GUARD_SECONDS = 90  # far above what each guarded call needs (seconds, tracing included): only a hang reaches it

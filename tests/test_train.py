@@ -15,7 +15,7 @@ from conftest import IMAGE_SIZE
 
 from multitask import cli
 from multitask import features as features_module
-from multitask.data import class_weights, load_image, load_split, sample_weights, scan, split_manifest
+from multitask.data import class_weights, load_image, sample_weights, scan
 from multitask.errors import ConfigError, ModelError, RunError
 from multitask.features import cached_features, extract_features
 from multitask.rundir import (
@@ -29,6 +29,7 @@ from multitask.rundir import (
     open_run,
 )
 from multitask.settings import TrainConfig
+from multitask.splits import load_split, split_manifest
 from multitask.synthetic import plant_bad_files
 from multitask.taxonomy import load_taxonomy
 from multitask.train import train
