@@ -23,7 +23,7 @@ absent from the evaluated images) are ``null`` with a note, never a crash.
 
 Summary numbers follow scikit-learn: balanced accuracy is the mean recall over the classes present in the true
 labels; macro-F1 averages over the classes present in the true labels or the predictions. Intervals:
-:func:`multitask.calibration.classification_intervals` (resamples of the evaluated images, stratified by true class,
+:func:`multitask.bootstrap.classification_intervals` (resamples of the evaluated images, stratified by true class,
 paired across metrics).
 """
 
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from multitask import calibration as cal
+from multitask.bootstrap import bootstrap_intervals, classification_intervals
 from multitask.data import scan_tree
 from multitask.errors import DataError
 from multitask.figures import confusion_figure, reliability_figure, roc_figure
@@ -185,15 +186,15 @@ def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *, 
                   brier=cal.brier_score(probs, y_true))
     positive = list(labels).index(POSITIVE_LABEL) if task == "cancer" else 1
     decision = threshold if task == "cancer" else None
-    ci = cal.classification_intervals(y_true, probs, positive=positive, threshold=decision, n_resamples=resamples,
+    ci = classification_intervals(y_true, probs, positive=positive, threshold=decision, n_resamples=resamples,
                                       seed=seed, per_class=True)
-    ci["ece_uncalibrated"] = cal.classification_intervals(y_true, raw_probs, positive=positive, threshold=decision,
+    ci["ece_uncalibrated"] = classification_intervals(y_true, raw_probs, positive=positive, threshold=decision,
                                                           n_resamples=resamples, seed=seed)["ece"]
     for k, label in enumerate(labels):
         result["per_class"][label]["ci95"] = {"precision": ci.pop(f"precision/{k}"), "recall": ci.pop(f"recall/{k}")}
     result["ci95"] = ci
     if task == "cancer" and threshold != 0.5:
-        half = cal.classification_intervals(y_true, probs, positive=positive, threshold=0.5, n_resamples=resamples,
+        half = classification_intervals(y_true, probs, positive=positive, threshold=0.5, n_resamples=resamples,
                                             seed=seed)
         sensitivity, specificity = cal.sensitivity_specificity(np.asarray(probs)[:, positive],
                                                                np.asarray(y_true) == positive, 0.5)
@@ -300,14 +301,14 @@ def _per_organ(manifest: pd.DataFrame, y_true, probs, labels, threshold: float, 
     table = per_organ_accuracy(organ_ids, y_true, decision, ORGAN_LABELS, positive=positive)
     for organ, row in table.items():
         rows = organ_ids == ORGAN_LABELS.index(organ)
-        ci = cal.classification_intervals(np.asarray(y_true)[rows], probs[rows], positive=positive,
+        ci = classification_intervals(np.asarray(y_true)[rows], probs[rows], positive=positive,
                                           threshold=threshold, n_resamples=resamples, seed=BOOTSTRAP_SEED)
         row["ci95"] = {k: ci.get(k) for k in ("accuracy", "sensitivity", "specificity")}
     return table
 
 
 def _ood_rate(flagged: np.ndarray, manifest: pd.DataFrame, threshold: float, resamples: int) -> dict[str, Any]:
-    ci = cal.bootstrap_intervals({"fraction": lambda f: float(np.mean(f))}, flagged.astype(float),
+    ci = bootstrap_intervals({"fraction": lambda f: float(np.mean(f))}, flagged.astype(float),
                                  strata=manifest["organ_id"].to_numpy(), n_resamples=resamples, seed=BOOTSTRAP_SEED)
     return {"threshold": threshold, "n_flagged": int(flagged.sum()), "fraction": float(flagged.mean()), "ci95": ci}
 
