@@ -86,16 +86,13 @@ def run_scan(args: argparse.Namespace) -> int:
     per_sub = manifest.groupby(["subclass", "organ", "cancer"]).size().rename("images").reset_index()
     _print_table("images per subclass", per_sub.set_index("subclass"))
     print(f"\n{len(manifest)} images in {manifest['subclass'].nunique()} subclasses under {report.root}")
-    if report.ignored_files:
-        print(f"ignored {report.ignored_files} non-image file(s)")
-    if report.not_regular:
-        print(f"skipped {len(report.not_regular)} image name(s) that are not regular files (FIFO, socket, ...)")
-    if report.skipped_links:
-        print(f"did not follow {len(report.skipped_links)} folder link(s) back into the tree (loops)")
-    if report.duplicates:
-        print(f"dropped {report.duplicates} duplicate file(s) reached again through links")
-    if report.unknown_folders:
-        print(f"skipped {len(report.unknown_folders)} folder(s) not in the taxonomy")
+    for count, what in ((report.ignored_files, "ignored {} non-image file(s)"),
+                        (len(report.not_regular), "skipped {} image name(s) that are not regular files (FIFO, ...)"),
+                        (len(report.skipped_links), "did not follow {} folder link(s) back into the tree (loops)"),
+                        (report.duplicates, "dropped {} duplicate file(s) reached again through links"),
+                        (len(report.unknown_folders), "skipped {} folder(s) not in the taxonomy")):
+        if count:
+            print(what.format(count))
     if report.missing_subclasses:
         print(f"not found: {', '.join(report.missing_subclasses)}")
     if report.unreadable:

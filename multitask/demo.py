@@ -52,6 +52,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         generate(data_dir, per_class=config.per_class, size=DEMO_IMAGE_SIDE, seed=0)
     info = train(TrainConfig(out=str(out / "run"), data=str(data_dir), weights=config.weights,
                              image_size=config.image_size, epochs=config.epochs, patience=config.epochs,
+                             learning_rate=config.learning_rate,
                              seed=config.seed, overwrite=True, verbose=config.verbose))
     metrics = evaluate_run(info.path, explain=4)
     predictions = sample_predictions(info, config.n_predict, seed=config.seed)

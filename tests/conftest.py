@@ -24,6 +24,12 @@ REAL_IMAGE_SIZE = 160
 IMAGE_SIZE = 75  # InceptionV3's minimum: the cheapest size that exercises the real architecture
 
 
+def _present(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not present: {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A synthetic dataset in the Kaggle layout: 26 subclasses x 12 images of 96 px (no bad files)."""
@@ -45,10 +51,8 @@ def demo_split_csv(demo_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_sample() -> Path:
-    """The ~240 real images shipped beside the repo for developers; skipped in users' clones."""
-    if not REAL_SAMPLE.is_dir():
-        pytest.skip(f"{REAL_SAMPLE} not present")
-    return REAL_SAMPLE
+    """The ~590 real images beside the developers' checkout; skipped in users' clones."""
+    return _present(REAL_SAMPLE, "the shared real sample")
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +88,7 @@ def cancer_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_weights() -> Path:
     """Pretrained InceptionV3 "notop" weights (see PRETRAINED_WEIGHTS); skipped where they were not built."""
-    if not PRETRAINED_WEIGHTS.is_file():
-        pytest.skip(f"pretrained weights not built: run ../shared/tools/pretrained-weights ({PRETRAINED_WEIGHTS})")
-    return PRETRAINED_WEIGHTS
+    return _present(PRETRAINED_WEIGHTS, "pretrained weights (built by ../shared/tools/pretrained-weights)")
 
 
 @pytest.fixture(scope="session")
