@@ -4,7 +4,8 @@ Routes::
 
     POST /predict   multipart upload of one or more images -> {"results": [one answer per file, in order]}
     POST /explain   the same, each answer with Grad-CAM overlays per head as PNG data URLs
-    GET  /health    {"status": "ok", "model": ..., "engine": ..., "image_size": ..., "tasks": [...]}
+    GET  /health    {"status": "ok", "model": ..., "engine": ..., "image_size": ..., "tasks": [...],
+                     "batching": {"forward_passes": ..., "images": ...}}
     GET  /          the page (static/index.html: one file, no build step, nothing fetched from elsewhere)
 
 An answer is ``{"file", "error": null, "organ", "organ_prob", "organ_probabilities": {label: p}, "cancer",
@@ -82,7 +83,7 @@ class Service:
             for i, row in zip(good, rows, strict=True):
                 outputs[name][i] = row[name]
         frame = self.predictor.table(names, outputs, errors)
-        results = [self._record(frame.iloc[i]) for i in range(len(uploads))]
+        results = [self._record(row) for row in frame.to_dict("records")]
         if explain and good:
             overlays = await run_in_threadpool(self._overlays, [decoded[i][0] for i in good])
             for i, overlay in zip(good, overlays, strict=True):
@@ -105,7 +106,7 @@ class Service:
                 record["malignancy_threshold"] = _number(row["malignancy_threshold"])
             record[f"{task}_probabilities"] = {label: _number(row[f"p_{task}_{label}"])
                                                for label in self.predictor.labels[task]}
-        if "ood" in row.index:
+        if "ood" in row:
             record["ood"], record["ood_score"] = bool(row["ood"]), _number(row["ood_score"])
         record["note"] = row["note"] if isinstance(row["note"], str) else None
         return record
@@ -182,7 +183,8 @@ def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", p
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "engine": predictor.engine.name,
-                "image_size": predictor.image_size, "tasks": list(predictor.tasks)}
+                "image_size": predictor.image_size, "tasks": list(predictor.tasks),
+                "batching": {"forward_passes": service.batcher.passes, "images": service.batcher.images}}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():

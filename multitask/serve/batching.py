@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class MicroBatcher:
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {max_batch} and {max_wait_s}")
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_s
-        self.batch_sizes: list[int] = []  # one entry per forward pass: what the batching achieved
+        self.passes = self.images = 0  # what the batching achieved: images / passes is the mean batch size
+        self.recent: deque[int] = deque(maxlen=1000)  # the sizes of the latest batches
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -87,7 +89,8 @@ class MicroBatcher:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
         if not live:
             return
-        self.batch_sizes.append(len(live))
+        self.passes, self.images = self.passes + 1, self.images + len(live)
+        self.recent.append(len(live))
         try:
             results = self.run_batch([item.payload for item in live])
             if len(results) != len(live):
