@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from multitask.errors import ConfigError, MultitaskError
+from multitask.predict import probability_column
 from multitask.settings import (
     SERVE_HOST,
     SERVE_MAX_BATCH,
@@ -40,6 +41,7 @@ from multitask.settings import (
     SERVE_MAX_UPLOAD_BYTES,
     SERVE_MAX_WAIT_MS,
 )
+from multitask.taxonomy import MALIGNANT
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,9 @@ class Service:
             record[task] = row[task]
             record[f"{task}_prob"] = _number(row[f"{task}_prob"])
             if task == "cancer":
-                record["malignant_prob"] = _number(row["p_cancer_Malignant"])
+                record["malignant_prob"] = _number(row[probability_column("cancer", MALIGNANT)])
                 record["malignancy_threshold"] = _number(row["malignancy_threshold"])
-            record[f"{task}_probabilities"] = {label: _number(row[f"p_{task}_{label}"])
+            record[f"{task}_probabilities"] = {label: _number(row[probability_column(task, label)])
                                                for label in self.predictor.labels[task]}
         if "ood" in row:
             record["ood"], record["ood_score"] = bool(row["ood"]), _number(row["ood_score"])
