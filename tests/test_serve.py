@@ -6,7 +6,9 @@ import asyncio
 import base64
 import copy
 import io
+import struct
 import tempfile
+import zlib
 
 import numpy as np
 import pytest
@@ -121,6 +123,10 @@ def test_non_images_only_are_refused_with_the_reason(client):
     assert response.status_code == 422
     assert "report.pdf: not an image" in response.json()["detail"]
     assert_no_traceback(response)
+    response = client.post("/predict", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data; "
+                                                                                     "boundary=other"})
+    assert response.status_code == 400
+    assert_no_traceback(response)
     response = client.post("/predict", json={"image": "scan.jpg"})
     assert response.status_code == 400 and "multipart/form-data" in response.json()["detail"]
     response = client.post("/predict", data={"note": "no file here"}, files=[("x", ("", b"", "text/plain"))])
@@ -134,6 +140,18 @@ def test_an_upload_over_the_limit_is_refused_with_413(joint_run, predictor, imag
         assert response.status_code == 413
         assert images[0].name in response.json()["detail"] and "limit" in response.json()["detail"]
         assert small.post("/predict", files=upload(("tiny.png", _png(8)))).status_code == 200
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # over MAX_PIXELS; over PIL's own decompression-bomb limit
+def test_an_image_too_large_to_decode_is_refused_from_its_header(client, side):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 100)))  # a PNG that claims side x side RGB pixels
+    response = client.post("/predict", files=upload(("bomb.png", png)))
+    assert response.status_code == 422
+    assert "larger than the limit" in response.json()["results"][0]["error"]
 
 
 def test_uploads_are_never_written_to_disk(client, monkeypatch):

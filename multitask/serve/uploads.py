@@ -138,6 +138,8 @@ def decode_upload(data: bytes, image_size: int) -> tuple[np.ndarray | None, str 
             width, height = header.size
     except UnidentifiedImageError:
         return None, "not an image (unrecognised content)"
+    except Image.DecompressionBombError:  # PIL's own refusal, far above MAX_PIXELS
+        return None, f"image larger than the limit of {MAX_PIXELS:,} pixels"
     except (OSError, SyntaxError, ValueError) as exc:
         return None, f"corrupt image ({exc})"
     if width * height > MAX_PIXELS:
