@@ -23,6 +23,8 @@ from multitask.settings import (
     EXPORT_CALIBRATION_IMAGES,
     EXPORT_CHECK_IMAGES,
     EXPORT_FORMATS,
+    SERVE_HOST,
+    SERVE_PORT,
     SPLIT_METHODS,
     SPLITS,
     STRATEGIES,
@@ -419,6 +421,32 @@ def add_export(p: argparse.ArgumentParser) -> None:
                    help="check the export on N of the run's test/val images (default %(default)s)")
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from multitask.errors import ConfigError
+
+    try:
+        import uvicorn
+
+        from multitask.serve.app import create_app
+    except ImportError as exc:
+        raise ConfigError(f"multitask serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                          "pip install 'multitask[serve]'") from None
+    app = create_app(args.run_dir, engine=args.engine)  # the model loads once, here, before the port opens
+    print(f"serving {args.run_dir} ({args.engine} engine) on http://{args.host}:{args.port}/  (Ctrl+C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--host", default=SERVE_HOST,
+                   help="address to listen on (default %(default)s: this machine only; the API has no login)")
+    p.add_argument("--port", type=int, default=SERVE_PORT, help="default %(default)s")
+    p.add_argument("--engine", choices=ENGINES[:2], default=ENGINES[0],
+                   help="runtime of the forward pass: keras (default) or onnx (fp32, from RUN/export/onnx/, "
+                        "exported first when missing or stale)")
+
+
 # ----------------------------------------------------------------------------------------------- demo
 
 
@@ -484,6 +512,8 @@ COMMANDS: dict[str, Command] = {
                        add_predict, run_predict),
     "export": Command("export a run as a TF SavedModel, ONNX (fp32) or int8 model, checked against Keras",
                       add_export, run_export),
+    "serve": Command("serve a run over HTTP: a JSON API (/predict, /explain) and a page to drop images on",
+                     add_serve, run_serve),
     "demo": Command("offline demo: synthetic data -> train the joint model -> evaluate -> predict (a few minutes)",
                     add_demo, run_demo),
 }

@@ -178,7 +178,15 @@ def load_image(path, image_size: int):
     """Read, decode by content (JPEG/PNG/BMP/GIF, whatever the extension) to RGB, resize: float32 in 0..255."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return decode_image(tf.io.read_file(path), image_size)
+
+
+def decode_image(data, image_size: int):
+    """:func:`load_image` for encoded bytes already in memory (the server's uploads): the same decoder and resize,
+    so an uploaded file gets exactly the answer ``multitask predict`` gives for it."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)  # antialiased resize can overshoot slightly
 

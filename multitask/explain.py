@@ -115,3 +115,25 @@ def save_grid(
             ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path, dpi=70)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """The image (H, W, 3) 0..255 with ``heatmap`` upsampled over it in the jet colormap, as :func:`save_grid`
+    draws it: uint8 RGB pixels, for callers that need the overlay in memory (the server's PNG data URLs)."""
+    from matplotlib import colormaps
+
+    pixels = np.clip(np.asarray(image, np.float32), 0, 255)
+    colours = colormaps["jet"](upsample(heatmap, pixels.shape[0]))[..., :3] * 255.0
+    return np.round((1 - alpha) * pixels + alpha * colours).astype(np.uint8)
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    """A ``data:image/png;base64,...`` URL of uint8 RGB pixels, encoded in memory (nothing touches the disk)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

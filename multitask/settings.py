@@ -34,6 +34,12 @@ ENGINES = ("keras", "onnx", "int8")  # what runs the inference graph (multitask.
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "int8")
 EXPORT_CALIBRATION_IMAGES = 128  # int8: training images that calibrate the quantisation
 EXPORT_CHECK_IMAGES = 32  # val/test images every export is checked on against Keras
+SERVE_HOST = "127.0.0.1"  # multitask serve: localhost only unless asked (the API has no authentication)
+SERVE_PORT = 8000
+SERVE_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file; a larger one is answered with 413
+SERVE_MAX_FILES = 64  # per request
+SERVE_MAX_BATCH = BATCH_SIZE  # micro-batching: one forward pass takes at most this many images...
+SERVE_MAX_WAIT_MS = 10.0  # ...and waits at most this long for more to arrive after the first
 BOOTSTRAP_RESAMPLES = 1000  # evaluate: resamples behind every 95% interval
 BOOTSTRAP_SEED = 0
 

@@ -79,6 +79,14 @@ def joint_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def joint_predictor(joint_run):
+    """joint_run's Predictor (keras engine), loaded once for the tests that only read it (the server's)."""
+    from multitask.predict import Predictor
+
+    return Predictor.from_run(joint_run)
+
+
+@pytest.fixture(scope="session")
 def cancer_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
     """A finished single-task cancer run at IMAGE_SIZE, trained one epoch."""
     return tiny_run(tmp_path_factory.mktemp("cancer") / "run", demo_split_csv, feature_cache, task="cancer",

@@ -1,0 +1,94 @@
+"""The README's picture of `multitask serve`'s page (docs/serve.png), made from a SYNTHETIC run only.
+
+Generates the synthetic demo data and trains a small run on it (or reuses them when ``--data``/``--run`` exist),
+serves the run on a free localhost port, uploads two of its test images in headless Chromium (Debian's
+``/usr/bin/chromium`` through Playwright), turns the Grad-CAM overlays on and saves the screenshot. Real images
+never go into the repository: the script refuses data without the synthetic generator's mark. Usage::
+
+    python scripts/screenshot_serve.py [--out docs/serve.png] [--data DIR] [--run DIR]
+
+The run is made as ``multitask demo-data DATA --per-class 10 --size 128`` then ``multitask train --data DATA
+--out RUN --weights none --image-size 128 --epochs 10 --learning-rate 3e-3 --split random``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from multitask.synthetic import SYNTHETIC_MARK  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ORGANS = ("Brain", "Lung")  # the two cards shown
+
+
+def make_run(data: Path, run: Path) -> None:
+    from multitask import cli
+
+    if not data.exists():
+        cli.main(["demo-data", str(data), "--per-class", "10", "--size", "128"])
+    if not (data / SYNTHETIC_MARK).is_file():
+        sys.exit(f"{data} is not a synthetic dataset (no {SYNTHETIC_MARK}): the README shows synthetic images only")
+    if not (run / "config.json").exists():
+        cli.main(["train", "--data", str(data), "--out", str(run), "--weights", "none", "--image-size", "128",
+                  "--epochs", "10", "--learning-rate", "3e-3", "--split", "random"])
+
+
+def pick_images(run: Path, data: Path) -> list[str]:
+    """The first test image of each organ in ORGANS; they must come from the synthetic ``data``."""
+    from multitask.data import load_split
+    from multitask.rundir import open_run
+
+    info = open_run(run)
+    test = load_split(info.split_path, taxonomy=info.taxonomy).query("split == 'test'")
+    images = [test[test["organ"] == organ]["path"].iloc[0] for organ in ORGANS]
+    if not all(Path(image).resolve().is_relative_to(data.resolve()) for image in images):
+        sys.exit(f"{run} was not trained on {data}: pass the synthetic data it was trained on as --data")
+    return images
+
+
+def screenshot(url: str, images: list[str], out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from multitask.files import atomic_path
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], timeout=60_000)
+        page = browser.new_page(viewport={"width": 980, "height": 560}, device_scale_factor=1)
+        page.set_default_timeout(120_000)
+        page.goto(f"{url}/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes(' px')")
+        page.set_input_files("#files", images)
+        page.wait_for_function(f"document.querySelectorAll('.card[data-state=done]').length === {len(images)}")
+        page.check("#show-cams")
+        page.wait_for_function("[...document.querySelectorAll('img.cam')].filter(i => i.complete && "
+                               f"i.naturalWidth > 0).length === {2 * len(images)}")
+        with atomic_path(out) as tmp:  # never a half-written PNG
+            page.screenshot(path=str(tmp), type="png", full_page=True)
+        browser.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/serve.png")
+    parser.add_argument("--data", default="artifacts/screenshot/data", help="synthetic data (made when missing)")
+    parser.add_argument("--run", default="artifacts/screenshot/run", help="run on it (trained when missing)")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from multitask.serve.app import create_app, running
+
+    data, run = Path(args.data), Path(args.run)
+    make_run(data, run)
+    with running(create_app(run)) as url:
+        screenshot(url, pick_images(run, data), Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
