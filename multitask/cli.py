@@ -324,7 +324,7 @@ PREDICT_ROWS_SHOWN = 50
 def run_predict(args: argparse.Namespace) -> int:
     from multitask.files import check_writable
     from multitask.predict import Predictor, collect_images, sample_predictions, write_predictions
-    from multitask.shards import Shard, label_part
+    from multitask.shards import Shard, predict_shard
 
     if args.merge is not None:
         return run_merge(args)
@@ -350,13 +350,10 @@ def run_predict(args: argparse.Namespace) -> int:
         hits = [c for c in frame.columns if c.endswith("_hit")]
         print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
     elif args.shard:
-        shard = Shard.parse(args.shard)
-        files, start, total = shard.select(collect_images(args.paths))
-        print(f"shard {shard}: inputs {start + 1}..{start + len(files)} of {total} (sorted)")
-        frame = predictor.predict_files(files, batch_size=args.batch_size, reject_ood=args.reject_ood)
+        frame = predict_shard(predictor, collect_images(args.paths), Shard.parse(args.shard),
+                              batch_size=args.batch_size, reject_ood=args.reject_ood)
         if args.explain:
             frame = predictor.write_explanations(frame, args.explain)
-        frame = label_part(frame, shard, start, total)
     else:
         frame = predictor.predict(args.paths, batch_size=args.batch_size, reject_ood=args.reject_ood)
         if args.explain:

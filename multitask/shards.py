@@ -68,6 +68,14 @@ class Shard:
         return ordered[start:stop], start, len(ordered)
 
 
+def predict_shard(predictor, files: Sequence[str], shard: Shard, **options) -> pd.DataFrame:
+    """``predictor.predict_files`` (a :class:`multitask.predict.Predictor`) of this shard's share of ``files``,
+    labelled with the part columns; ``options`` go to predict_files."""
+    share, start, total = shard.select(files)
+    log.info("shard %s: inputs %d..%d of %d (sorted)", shard, start + 1, start + len(share), total)
+    return label_part(predictor.predict_files(share, **options), shard, start, total)
+
+
 def label_part(frame: pd.DataFrame, shard: Shard, start: int, total: int) -> pd.DataFrame:
     """``frame`` (the predictions of one share, in order) with the columns that say where its rows belong."""
     return frame.assign(**{SHARD_COLUMN: str(shard), INDEX_COLUMN: range(start, start + len(frame)),

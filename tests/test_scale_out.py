@@ -24,9 +24,9 @@ from conftest import IMAGE_SIZE, tiny_run
 
 from multitask import cli
 from multitask.data import load_split
-from multitask.predict import Predictor
+from multitask.predict import Predictor, write_predictions
 from multitask.rundir import open_run
-from multitask.shards import Shard
+from multitask.shards import Shard, predict_shard
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -134,12 +134,14 @@ def test_images(demo_split_csv) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shard_parts(joint_run, test_images, tmp_path_factory) -> list[Path]:
-    """predict --shard K/3 for K = 1..3, as three machines would run it, plus the unsharded run."""
+    """predict --shard K/3 for K = 1..3, as three machines would run them (the first through the command, the
+    others through the library with one loaded model, to save loading it again), plus the unsharded run."""
     out = tmp_path_factory.mktemp("shards")
-    for k in range(1, 4):
-        assert cli.main(["predict", str(joint_run), *test_images, "--shard", f"{k}/3",
-                         "--out", str(out / f"part-{k}.csv")]) == 0
-    assert cli.main(["predict", str(joint_run), *test_images, "--out", str(out / "unsharded.csv")]) == 0
+    assert cli.main(["predict", str(joint_run), *test_images, "--shard", "1/3", "--out", str(out / "part-1.csv")]) == 0
+    predictor = Predictor.from_run(joint_run)
+    for k in (2, 3):
+        write_predictions(predict_shard(predictor, test_images, Shard(k, 3)), out / f"part-{k}.csv")
+    write_predictions(predictor.predict_files(test_images), out / "unsharded.csv")
     return [out / f"part-{k}.csv" for k in range(1, 4)]
 
 
