@@ -180,3 +180,12 @@ def test_shard_is_parsed_strictly():
         with pytest.raises(ConfigError, match="K/N"):
             Shard.parse(text)
     assert [Shard(k, 3).bounds(10) for k in (1, 2, 3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_multiworker_without_tf_config_is_refused(demo_split_csv, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    code = cli.main(["train", "--strategy", "multiworker", "--split-file", str(demo_split_csv), "--weights", "none",
+                     "--image-size", str(IMAGE_SIZE), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert code == 2 and "TF_CONFIG" in error and "--strategy multiworker" in error, error
+    assert not (tmp_path / "run").exists()
