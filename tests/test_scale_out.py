@@ -54,8 +54,9 @@ def run_cluster(commands: list[list[str]], *, timeout: float, logs: Path) -> lis
     hosts = [f"127.0.0.1:{port}" for port in free_ports(len(commands))]
     processes = []
     for index, command in enumerate(commands):
+        # One thread each: two workers share this machine's cores (measured: feature phase 12 s instead of 22 s).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
         with open(logs / f"worker-{index}.log", "wb") as log:
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
