@@ -205,6 +205,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN if hasattr(args, name)})
     info = train(config)
+    if not info.path.exists():  # a multi-worker run's other workers keep nothing (multitask.distribute)
+        print(f"\nfinished: this worker trained in step with the chief, whose --out holds the run; {config.out} was "
+              "not written")
+        return 0
     print(f"\nfinished run in {info.path}")
     for label, name in (("model", info.model_path.name), ("config", CONFIG_FILE), ("split", info.split_path.name),
                         ("history", HISTORY_FILE), ("plot", HISTORY_PLOT), ("tensorboard", TENSORBOARD_DIR)):
@@ -319,10 +323,17 @@ PREDICT_ROWS_SHOWN = 50
 
 def run_predict(args: argparse.Namespace) -> int:
     from multitask.files import check_writable
-    from multitask.predict import Predictor, sample_predictions, write_predictions
+    from multitask.predict import Predictor, collect_images, sample_predictions, write_predictions
+    from multitask.shards import Shard, predict_shard
 
-    if bool(args.paths) == (args.sample is not None):
-        print("multitask predict: error: give image PATHs or --sample N (not both, not neither)", file=sys.stderr)
+    if args.merge is not None:
+        return run_merge(args)
+    if args.run_dir is None or bool(args.paths) == (args.sample is not None):
+        print("multitask predict: error: give RUN_DIR and image PATHs or --sample N (not both, not neither), or "
+              "--merge PART...", file=sys.stderr)
+        return 2
+    if args.shard and (args.sample is not None or not args.out):
+        print("multitask predict: error: --shard K/N needs image PATHs and --out FILE", file=sys.stderr)
         return 2
     if args.out:
         check_writable(args.out, flag="$out")
@@ -338,6 +349,11 @@ def run_predict(args: argparse.Namespace) -> int:
                      table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"))
         hits = [c for c in frame.columns if c.endswith("_hit")]
         print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
+    elif args.shard:
+        frame = predict_shard(predictor, collect_images(args.paths), Shard.parse(args.shard),
+                              batch_size=args.batch_size, reject_ood=args.reject_ood)
+        if args.explain:
+            frame = predictor.write_explanations(frame, args.explain)
     else:
         frame = predictor.predict(args.paths, batch_size=args.batch_size, reject_ood=args.reject_ood)
         if args.explain:
@@ -361,6 +377,21 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    from multitask.files import check_writable
+    from multitask.predict import write_predictions
+    from multitask.shards import merge_parts
+
+    if args.run_dir is not None or args.paths or args.sample is not None or args.shard or not args.out:
+        print("multitask predict: error: --merge takes only the PART files and --out FILE", file=sys.stderr)
+        return 2
+    check_writable(args.out, flag="$out")
+    frame = merge_parts(args.merge)
+    print(f"merged {len(args.merge)} part(s): {len(frame)} input(s), each exactly once")
+    print(f"wrote {write_predictions(frame, args.out)}")
+    return 0
+
+
 def _predictions_file(text: str) -> str:
     if not text.lower().endswith((".csv", ".json")):
         raise argparse.ArgumentTypeError(f"expected a .csv or .json file name, got {text!r}")
@@ -368,10 +399,16 @@ def _predictions_file(text: str) -> str:
 
 
 def add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("run_dir", nargs="?", help="a finished run directory (from `multitask train`)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
     p.add_argument("--out", type=_predictions_file,
                    help="save all rows (with per-class probabilities) as .csv or .json")
+    p.add_argument("--shard", metavar="K/N",
+                   help="predict only the K-th of N equal shares of the sorted inputs (N machines each run one), "
+                        "into --out; join the parts with --merge")
+    p.add_argument("--merge", nargs="+", metavar="PART",
+                   help="instead of predicting: join the parts that --shard wrote into --out, checking that every "
+                        "input appears exactly once and no shard is missing")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
     p.add_argument("--sample", type=int, metavar="N",
                    help="instead of PATHs: N random images of the run's own split, true vs predicted")

@@ -98,27 +98,76 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
 
 
 def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
-                    cache_dir: str | os.PathLike, verbose: int = 1) -> Features:
-    """Features of ``paths`` from the cache when its key matches exactly, else computed and cached atomically."""
+                    cache_dir: str | os.PathLike, verbose: int = 1, workers=None) -> Features:
+    """Features of ``paths`` from the cache when its key matches exactly, else computed and cached atomically.
+
+    With ``workers`` (a :class:`multitask.distribute.Workers`, multi-worker training) the cache is used only if
+    every worker has it; otherwise each worker computes every ``count``-th image from its ``rank`` on and the
+    shares are summed across workers, so every worker holds all features, each computed once.
+    """
     start = time.perf_counter()
     key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone))
     key_text = json.dumps(key, sort_keys=True)
     path = Path(cache_dir) / f"features-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.npz"
     log.debug("feature cache key %s", key_text)
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                if str(stored["key"]) == key_text:
-                    log.info("reusing cached features %s", path)
-                    values, rows = stored["values"], stored["rows"]
-                    return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start)
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, exc)
+    cached = _read_cache(path, key_text)
+    if workers is not None:  # the workers must take the same branch: the shares below are collective
+        missing = int(workers.all_sum(np.asarray([cached is None], np.int64))[0])
+        cached = cached if missing == 0 else None
+    if cached is not None:
+        log.info("reusing cached features %s", path)
+        values, rows = cached
+        return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start)
     log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
-    values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size, verbose=verbose)
+    if workers is None:
+        values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size,
+                                        verbose=verbose)
+    else:
+        values, rows = shared_features(backbone, paths, image_size=image_size, batch_size=batch_size,
+                                       verbose=verbose, workers=workers)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, values=values, rows=rows, key=np.asarray(key_text))
     return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start)
+
+
+def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, rows) of the cache file at ``path`` if it holds exactly ``key_text``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) == key_text:
+                return stored["values"], stored["rows"]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, exc)
+    return None
+
+
+def shared_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int, workers,
+                    verbose: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`extract_features` of all ``paths``, each worker computing every ``workers.count``-th one from
+    ``workers.rank`` on, combined by a sum across the workers (every row is owned by exactly one worker)."""
+    mine = np.arange(workers.rank, len(paths), workers.count)
+    share = [paths[i] for i in mine]
+    try:
+        values, rows = extract_features(backbone, share, image_size=image_size, batch_size=batch_size,
+                                        verbose=verbose)
+    except DataError:  # none of this worker's share decodes: say so in the sum, like any unreadable file
+        values, rows = np.zeros((0, int(backbone.output_shape[-1])), np.float32), np.zeros(0, np.int64)
+    full = np.zeros((len(paths), values.shape[1]), np.float32)
+    decoded = np.zeros(len(paths), np.int64)
+    full[mine[rows]], decoded[mine[rows]] = values, 1
+    owners = np.zeros(len(paths), np.int64)
+    owners[mine] = 1
+    full, decoded, owners = workers.all_sum(full), workers.all_sum(decoded), workers.all_sum(owners)
+    if not np.all(owners == 1):
+        raise DataError(f"the {workers.count} workers did not split the {len(paths)} images exactly once each "
+                        f"({int((owners != 1).sum())} images computed 0 or 2+ times); do all workers run the same "
+                        "command on the same data?")
+    rows = np.flatnonzero(decoded)
+    if not len(rows):
+        raise DataError(f"none of the {len(paths)} images could be decoded (first: {paths[0] if paths else '-'})")
+    return full[rows], rows.astype(np.int64)
 
 
 def skipped_paths(paths: Sequence[str], rows: np.ndarray) -> list[str]:

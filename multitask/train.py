@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import pandas as pd
 from multitask import callbacks as handlers
 from multitask.calibration import calibration_record, fit_calibration
 from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree
-from multitask.distribute import make_strategy, worker_role
+from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
 from multitask.history import best_epoch, plot_history, tidy_history
@@ -71,6 +72,7 @@ class Trainer:
         self.config = config.validate()
         self.taxonomy = load_taxonomy(config.taxonomy)
         self.strategy = make_strategy(config.strategy)
+        self.workers = Workers.of(self.strategy)  # None unless several processes train together
         keras.utils.set_random_seed(config.seed)  # same seed, same random init: the feature cache stays valid
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
             self.model = build_model(config.tasks, config.image_size, config.weights)
@@ -84,10 +86,14 @@ class Trainer:
 
     def fit(self) -> RunInfo:
         """Train both phases into the run folder and return the finished run."""
-        config = self.config
-        worker, chief = worker_role()
-        if not chief:  # the other workers of a multi-worker run write a private copy that nobody reads
-            config = dataclasses.replace(config, out=str(Path(config.out) / ".workers" / worker))
+        if self.workers is not None and not worker_role()[1]:
+            # The other workers train in step with the chief but keep nothing: their copy of the run (and of the
+            # feature cache, unless --cache-dir names one) goes to a temporary folder, removed at the end.
+            with tempfile.TemporaryDirectory(prefix=f"multitask-{worker_role()[0]}-") as scratch:
+                return self._fit_into(dataclasses.replace(self.config, out=str(Path(scratch) / "run")))
+        return self._fit_into(self.config)
+
+    def _fit_into(self, config: TrainConfig) -> RunInfo:
         with RunDir.open(config) as self.run:
             split = self.split()
             fit_rows = pd.concat([split[split["split"] == s] for s in ("train", "val")]).reset_index(drop=True)
@@ -124,7 +130,7 @@ class Trainer:
         is_train = fit_rows["split"].to_numpy() == "train"
         features = cached_features(self.parts.backbone, fit_rows["path"].tolist(), image_size=self.config.image_size,
                                    batch_size=self.config.batch_size, cache_dir=self.cache_dir,
-                                   verbose=self.config.verbose)
+                                   verbose=self.config.verbose, workers=self.workers)
         # Standardise with training-set statistics; the fitted layer is part of the saved backbone.
         features.values = fit_feature_scaling(self.parts.backbone, features.values, fit_rows=is_train[features.rows])
         return features
@@ -134,7 +140,7 @@ class Trainer:
     def train_heads(self, features: Features, fit_rows: pd.DataFrame, balance: dict | None) -> PhaseResult:
         """Phase 1: the heads on cached features. Skipped (weights reloaded) when an earlier attempt finished it."""
         marker, weights_path = self.run.state("heads.json"), self.run.state("heads.weights.h5")
-        if marker.is_file() and weights_path.is_file():
+        if marker.is_file() and weights_path.is_file() and self.workers is None:
             done = PhaseResult(**read_json(marker))
             self.parts.heads.load_weights(weights_path)
             self.weighting.restore(done.weighting)
@@ -215,8 +221,9 @@ class Trainer:
         history_path = self.run.path / HISTORY_FILE
         best_path = self.run.state(f"{phase}-best.weights.h5")
         backup = handlers.EpochBackup(self.run.state(f"backup-{phase}"))
+        # Workers resume in step or not at all: only the chief has backups, so a multi-worker phase starts over.
         with self.strategy.scope():
-            resumed = backup.restore(trainer)
+            resumed = backup.restore(trainer) if self.workers is None else None
         first = initial_epoch if resumed is None else resumed
         _drop_epochs_from(history_path, first)  # an epoch that is run again replaces its earlier row
         callbacks = [
@@ -259,8 +266,8 @@ class Trainer:
         if backbone_changed:  # fine-tuning moved the backbone: the cached features no longer describe the model
             logits = self._logits_of(fit_rows["path"].to_numpy()[rows].tolist())
         else:
-            logits = {t: np.asarray(v) for t, v in self.parts.heads.predict(features.values[is_val], verbose=0,
-                                                                            batch_size=256).items()}
+            # A direct call, not predict(): under a multi-worker strategy that would split the rows among workers.
+            logits = {t: np.asarray(v) for t, v in self.parts.heads(features.values[is_val], training=False).items()}
         labels = {t: fit_rows[f"{t}_id"].to_numpy()[rows] for t in tasks}
         return fit_calibration(logits, labels, tasks=tasks, target_sensitivity=self.config.target_sensitivity)
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import keras
 from keras import ops
 
+from multitask.distribute import first_local_batch, is_multi_worker, metrics_for_reduction
 from multitask.errors import ConfigError
 from multitask.model import model_tasks
 from multitask.settings import WEIGHTINGS, check_loss_weights
@@ -202,4 +203,11 @@ class MultiTaskTrainer(keras.Model):
         y = self._by_task(y)
         for task in self.tasks:
             self.task_accuracies[task].update_state(y[task], y_pred[task])
-        return self.get_metrics_result()
+        return metrics_for_reduction(self.distribute_strategy, self.get_metrics_result())
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 reduces the first batch across replicas to learn its shapes, which fails under a multi-worker
+        # strategy (see multitask.distribute); this worker's own first batch has the same shapes.
+        if iterator is not None and data_batch is None and is_multi_worker(self.distribute_strategy):
+            iterator, data_batch = None, first_local_batch(self.distribute_strategy, iterator)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

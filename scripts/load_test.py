@@ -41,9 +41,9 @@ def free_port() -> int:
 
 def image_list(run: str, images: str | None, n: int) -> list[str]:
     """``n`` image files, cycling over the given folder or the run's test+val images."""
-    from multitask.data import load_split
     from multitask.predict import collect_images
     from multitask.rundir import open_run
+    from multitask.splits import load_split
 
     if images:
         pool = collect_images([images])

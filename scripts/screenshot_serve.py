@@ -40,8 +40,8 @@ def make_run(data: Path, run: Path) -> None:
 
 def pick_images(run: Path, data: Path) -> list[str]:
     """The first test image of each organ in ORGANS; they must come from the synthetic ``data``."""
-    from multitask.data import load_split
     from multitask.rundir import open_run
+    from multitask.splits import load_split
 
     info = open_run(run)
     test = load_split(info.split_path, taxonomy=info.taxonomy).query("split == 'test'")

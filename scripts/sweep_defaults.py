@@ -22,10 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pandas as pd  # noqa: E402
 
-from multitask.data import scan, split_manifest  # noqa: E402
+from multitask.data import scan  # noqa: E402
 from multitask.evaluate import evaluate_run  # noqa: E402
 from multitask.settings import TrainConfig  # noqa: E402
-from multitask.splits import save_split
+from multitask.splits import save_split, split_manifest  # noqa: E402
 from multitask.train import train  # noqa: E402
 
 
