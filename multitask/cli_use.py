@@ -1,0 +1,279 @@
+"""``multitask`` subcommands that use a finished run: evaluate, predict (and --merge), export, serve, and the demo.
+
+Each ``add_*`` adds a subcommand's arguments, with defaults from :mod:`multitask.settings`; each ``run_*`` calls the
+library and prints. :mod:`multitask.cli` holds the table of subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from multitask.cli_prepare import print_table
+from multitask.settings import (
+    BATCH_SIZE,
+    ENGINES,
+    EXPORT_CALIBRATION_IMAGES,
+    EXPORT_CHECK_IMAGES,
+    EXPORT_FORMATS,
+    SERVE_HOST,
+    SERVE_PORT,
+    SPLITS,
+    DemoConfig,
+    defaults,
+)
+
+DEMO = defaults(DemoConfig)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate / predict
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from multitask.evaluate import METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE, evaluate_run, summary_table
+    from multitask.report import overlap_note
+
+    metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
+                           batch_size=args.batch_size, explain=args.explain, calibrated=not args.uncalibrated,
+                           threshold=args.threshold)
+    source = metrics["source"]
+    print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
+    print_table("metrics", summary_table(metrics))
+    for task in metrics["tasks"]:
+        for note in metrics[task].get("notes", []):
+            print(f"note ({task}): {note}")
+    if "cancer" in metrics:
+        cancer = metrics["cancer"]
+        print(f"cancer: Malignant when P(Malignant) >= {cancer['threshold']:.3f} ({cancer['threshold_source']})")
+    if "ood" in metrics:
+        print(f"out of distribution: {metrics['ood']['n_flagged']} of {metrics['n_images']} images flagged")
+    note = overlap_note(metrics["overlap"])
+    if note:
+        print(f"warning: {note}")
+    if metrics["unreadable"]:
+        print(f"\nleft out {len(metrics['unreadable'])} unreadable file(s):")
+        for path, reason in metrics["unreadable"].items():
+            print(f"  {path}: {reason}")
+    out = Path(args.out or args.run_dir)
+    print(f"\nwrote {out / METRICS_FILE}, {out / REPORT_FILE} (with figures) and {out / MODEL_CARD_FILE}")
+    return 0
+
+
+def add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--data", help="evaluate every image of this folder (Kaggle layout) instead of the run's split")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="which split of the run's split.csv to evaluate (default %(default)s)")
+    p.add_argument("--out", help="folder for metrics.json, report.md and figures (default: the run directory)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="add a figure of N evaluated images with each head's Grad-CAM heatmap to the report")
+    add_operating_point_options(p)
+
+
+SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob", "error")
+PREDICT_ROWS_SHOWN = 50
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from multitask.files import check_writable
+    from multitask.predict import Predictor, collect_images, sample_predictions, write_predictions
+    from multitask.shards import Shard, predict_shard
+
+    if args.merge is not None:
+        return run_merge(args)
+    if args.run_dir is None or bool(args.paths) == (args.sample is not None):
+        print("multitask predict: error: give RUN_DIR and image PATHs or --sample N (not both, not neither), or "
+              "--merge PART...", file=sys.stderr)
+        return 2
+    if args.shard and (args.sample is not None or not args.out):
+        print("multitask predict: error: --shard K/N needs image PATHs and --out FILE", file=sys.stderr)
+        return 2
+    if args.out:
+        check_writable(args.out, flag="$out")
+    if args.explain:
+        check_writable(args.explain, flag="$explain", folder=True)
+    predictor = Predictor.from_run(args.run_dir, engine=args.engine, calibrated=not args.uncalibrated,
+                                   threshold=args.threshold)
+    if args.sample is not None:
+        frame = sample_predictions(args.run_dir, args.sample, split=args.split, seed=args.seed,
+                                   batch_size=args.batch_size, predictor=predictor)
+        table = frame.set_index(frame["path"].map(os.path.basename).rename("file"))
+        print_table(f"{len(frame)} random {args.split} images: true vs predicted",
+                     table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"))
+        hits = [c for c in frame.columns if c.endswith("_hit")]
+        print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
+    elif args.shard:
+        frame = predict_shard(predictor, collect_images(args.paths), Shard.parse(args.shard),
+                              batch_size=args.batch_size, reject_ood=args.reject_ood)
+        if args.explain:
+            frame = predictor.write_explanations(frame, args.explain)
+    else:
+        frame = predictor.predict(args.paths, batch_size=args.batch_size, reject_ood=args.reject_ood)
+        if args.explain:
+            frame = predictor.write_explanations(frame, args.explain)
+            print(f"wrote Grad-CAM overlays to {args.explain}")
+        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_")) or c == "malignancy_threshold"]
+        shown = frame.drop(columns=hidden).round(3).fillna("")
+        if not args.out:
+            print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
+            if len(frame) > PREDICT_ROWS_SHOWN:
+                print(f"... {len(frame) - PREDICT_ROWS_SHOWN} more rows; pass --out FILE.csv to save them all")
+    failed = int(frame["error"].notna().sum())
+    flagged = int(frame["ood"].sum()) if "ood" in frame.columns else 0
+    print(f"\npredicted {len(frame) - failed} of {len(frame)} file(s)" + (f"; {failed} unreadable" if failed else "")
+          + (f"; {flagged} unlike the training images (ood)" if flagged else ""))
+    if "cancer" in predictor.tasks:
+        print(f"Malignant when P(Malignant) >= {predictor.threshold:.3f}"
+              + (" (--threshold)" if args.threshold is not None else " (the run's operating point)"))
+    if args.out:
+        print(f"wrote {write_predictions(frame, args.out)}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from multitask.files import check_writable
+    from multitask.predict import write_predictions
+    from multitask.shards import merge_parts
+
+    if args.run_dir is not None or args.paths or args.sample is not None or args.shard or not args.out:
+        print("multitask predict: error: --merge takes only the PART files and --out FILE", file=sys.stderr)
+        return 2
+    check_writable(args.out, flag="$out")
+    frame = merge_parts(args.merge)
+    print(f"merged {len(args.merge)} part(s): {len(frame)} input(s), each exactly once")
+    print(f"wrote {write_predictions(frame, args.out)}")
+    return 0
+
+
+def _predictions_file(text: str) -> str:
+    if not text.lower().endswith((".csv", ".json")):
+        raise argparse.ArgumentTypeError(f"expected a .csv or .json file name, got {text!r}")
+    return text
+
+
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", help="a finished run directory (from `multitask train`)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--out", type=_predictions_file,
+                   help="save all rows (with per-class probabilities) as .csv or .json")
+    p.add_argument("--shard", metavar="K/N",
+                   help="predict only the K-th of N equal shares of the sorted inputs (N machines each run one), "
+                        "into --out; join the parts with --merge")
+    p.add_argument("--merge", nargs="+", metavar="PART",
+                   help="instead of predicting: join the parts that --shard wrote into --out, checking that every "
+                        "input appears exactly once and no shard is missing")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="instead of PATHs: N random images of the run's own split, true vs predicted")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="split that --sample draws from (default %(default)s; train is refused)")
+    p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write a Grad-CAM overlay PNG per image and head into DIR (adds explain_* columns)")
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="runtime of the forward pass: keras (default), onnx (fp32) or int8, from RUN/export/, "
+                        "exported first when missing or stale; the columns are the same")
+    p.add_argument("--reject-ood", action="store_true",
+                   help="give no organ/cancer answer for images unlike the training images (ood), with a note")
+    add_operating_point_options(p)
+
+
+def add_operating_point_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="show the raw softmax probabilities instead of the calibrated ones (keras engine)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="call an image Malignant when P(Malignant) >= P (default: the run's operating point, "
+                        "chosen on validation for its target sensitivity; 0.5 with --uncalibrated)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from multitask.export import LABELS_FILE, export_run
+
+    result = export_run(args.run_dir, format=args.format, out=args.out, calibration=args.calibration,
+                        check_images=args.check_images)
+    print(f"self-check on {result.images} of the run's val/test images against the Keras model:")
+    for name, diff in result.max_abs_diff.items():
+        agreement = result.argmax_agreement.get(name)
+        shown = f", argmax agreement {agreement:.1%}" if agreement is not None else ""
+        print(f"  {name:<12} max |difference| {diff:.2e}{shown}")
+    print(f"wrote {result.artifact}\nwrote {result.path / LABELS_FILE} and export.json ({result.seconds:.0f} s)")
+    return 0
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="tf_saved_model (TF Serving), onnx (fp32: ONNX Runtime, OpenVINO...) or int8 (quantised)")
+    p.add_argument("--out", help="folder to write (default RUN/export/FORMAT/)")
+    p.add_argument("--calibration", type=int, default=EXPORT_CALIBRATION_IMAGES, metavar="N",
+                   help="int8: calibrate on N images of the run's training split (default %(default)s)")
+    p.add_argument("--check-images", type=int, default=EXPORT_CHECK_IMAGES, metavar="N",
+                   help="check the export on N of the run's test/val images (default %(default)s)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from multitask.errors import ConfigError
+
+    try:
+        import uvicorn
+
+        from multitask.serve.app import create_app
+    except ImportError as exc:
+        raise ConfigError(f"multitask serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                          "pip install 'multitask[serve]'") from None
+    app = create_app(args.run_dir, engine=args.engine)  # the model loads once, here, before the port opens
+    print(f"serving {args.run_dir} ({args.engine} engine) on http://{args.host}:{args.port}/  (Ctrl+C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
+    p.add_argument("--host", default=SERVE_HOST,
+                   help="address to listen on (default %(default)s: this machine only; the API has no login)")
+    p.add_argument("--port", type=int, default=SERVE_PORT, help="default %(default)s")
+    p.add_argument("--engine", choices=ENGINES[:2], default=ENGINES[0],
+                   help="runtime of the forward pass: keras (default) or onnx (fp32, from RUN/export/onnx/, "
+                        "exported first when missing or stale)")
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from multitask.demo import PASS_ACCURACY, run_demo
+    from multitask.evaluate import summary_table
+
+    config = DemoConfig(**{name: getattr(args, name) for name in DEMO if hasattr(args, name)},
+                        verbose=0 if args.quiet else 1)
+    result = run_demo(config)
+    preview = result.predictions.assign(path=result.predictions["path"].map(os.path.basename))
+    columns = [c for c in ("path", "true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob")
+               if c in preview.columns]
+    print_table("predictions for a few test images", preview[columns].round(3).set_index("path"))
+    print_table(f"test split metrics ({result.metrics['n_images']} images; the data is SYNTHETIC)",
+                 summary_table(result.metrics))
+    verdict = "PASS" if result.passed else "BELOW TARGET"
+    print(f"\n{verdict}: accuracy >= {PASS_ACCURACY:.2f} on both heads is the demo's bar; took {result.seconds:.0f} s")
+    print(f"data         {result.data_dir}")
+    for name, file in (("run", ""), ("report", "report.md"), ("metrics", "metrics.json"),
+                       ("history", "history.png"), ("predictions", result.predictions_path.name)):
+        print(f"{name:<12} {result.run_dir / file}")
+    return 0 if result.passed else 1
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEMO["out"], help="output folder (default %(default)s); data is reused")
+    p.add_argument("--weights", default=DEMO["weights"],
+                   help="backbone weights: none (default, offline), imagenet, or a weights file path")
+    p.add_argument("--per-class", type=int, default=DEMO["per_class"],
+                   help="synthetic images per subclass (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=DEMO["image_size"], help="model input size (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="head-training epochs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEMO["seed"], help="default %(default)s")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
