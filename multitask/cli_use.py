@@ -11,21 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from multitask import settings
 from multitask.cli_prepare import print_table
-from multitask.settings import (
-    BATCH_SIZE,
-    ENGINES,
-    EXPORT_CALIBRATION_IMAGES,
-    EXPORT_CHECK_IMAGES,
-    EXPORT_FORMATS,
-    SERVE_HOST,
-    SERVE_PORT,
-    SPLITS,
-    DemoConfig,
-    defaults,
-)
 
-DEMO = defaults(DemoConfig)
+DEMO = settings.defaults(settings.DemoConfig)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate / predict
@@ -64,10 +53,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
     p.add_argument("--data", help="evaluate every image of this folder (Kaggle layout) instead of the run's split")
-    p.add_argument("--split", choices=SPLITS, default="test",
+    p.add_argument("--split", choices=settings.SPLITS, default="test",
                    help="which split of the run's split.csv to evaluate (default %(default)s)")
     p.add_argument("--out", help="folder for metrics.json, report.md and figures (default: the run directory)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=settings.BATCH_SIZE, help="default %(default)s")
     p.add_argument("--explain", type=int, default=0, metavar="N",
                    help="add a figure of N evaluated images with each head's Grad-CAM heatmap to the report")
     add_operating_point_options(p)
@@ -165,15 +154,15 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", nargs="+", metavar="PART",
                    help="instead of predicting: join the parts that --shard wrote into --out, checking that every "
                         "input appears exactly once and no shard is missing")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=settings.BATCH_SIZE, help="default %(default)s")
     p.add_argument("--sample", type=int, metavar="N",
                    help="instead of PATHs: N random images of the run's own split, true vs predicted")
-    p.add_argument("--split", choices=SPLITS, default="test",
+    p.add_argument("--split", choices=settings.SPLITS, default="test",
                    help="split that --sample draws from (default %(default)s; train is refused)")
     p.add_argument("--seed", type=int, help="random seed of --sample (default: a new sample each time)")
     p.add_argument("--explain", metavar="DIR",
                    help="also write a Grad-CAM overlay PNG per image and head into DIR (adds explain_* columns)")
-    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+    p.add_argument("--engine", choices=settings.ENGINES, default=settings.ENGINES[0],
                    help="runtime of the forward pass: keras (default), onnx (fp32) or int8, from RUN/export/, "
                         "exported first when missing or stale; the columns are the same")
     p.add_argument("--reject-ood", action="store_true",
@@ -205,12 +194,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+    p.add_argument("--format", choices=settings.EXPORT_FORMATS, required=True,
                    help="tf_saved_model (TF Serving), onnx (fp32: ONNX Runtime, OpenVINO...) or int8 (quantised)")
     p.add_argument("--out", help="folder to write (default RUN/export/FORMAT/)")
-    p.add_argument("--calibration", type=int, default=EXPORT_CALIBRATION_IMAGES, metavar="N",
+    p.add_argument("--calibration", type=int, default=settings.EXPORT_CALIBRATION_IMAGES, metavar="N",
                    help="int8: calibrate on N images of the run's training split (default %(default)s)")
-    p.add_argument("--check-images", type=int, default=EXPORT_CHECK_IMAGES, metavar="N",
+    p.add_argument("--check-images", type=int, default=settings.EXPORT_CHECK_IMAGES, metavar="N",
                    help="check the export on N of the run's test/val images (default %(default)s)")
 
 
@@ -232,10 +221,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
-    p.add_argument("--host", default=SERVE_HOST,
+    p.add_argument("--host", default=settings.SERVE_HOST,
                    help="address to listen on (default %(default)s: this machine only; the API has no login)")
-    p.add_argument("--port", type=int, default=SERVE_PORT, help="default %(default)s")
-    p.add_argument("--engine", choices=ENGINES[:2], default=ENGINES[0],
+    p.add_argument("--port", type=int, default=settings.SERVE_PORT, help="default %(default)s")
+    p.add_argument("--engine", choices=settings.ENGINES[:2], default=settings.ENGINES[0],
                    help="runtime of the forward pass: keras (default) or onnx (fp32, from RUN/export/onnx/, "
                         "exported first when missing or stale)")
 
@@ -247,7 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from multitask.demo import PASS_ACCURACY, run_demo
     from multitask.evaluate import summary_table
 
-    config = DemoConfig(**{name: getattr(args, name) for name in DEMO if hasattr(args, name)},
+    config = settings.DemoConfig(**{name: getattr(args, name) for name in DEMO if hasattr(args, name)},
                         verbose=0 if args.quiet else 1)
     result = run_demo(config)
     preview = result.predictions.assign(path=result.predictions["path"].map(os.path.basename))
