@@ -27,23 +27,22 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import platform
 import shutil
 import socket
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from multitask.errors import ConfigError, RunError, TaxonomyError
+from multitask.errors import ConfigError, RunError
 from multitask.files import atomic_path, check_free_space, check_writable, remove_stale_temps, write_json
+from multitask.runcheck import CONFIG_FORMAT, REQUIRED_FIELDS, check_config, load_checked_model
 from multitask.settings import TrainConfig
-from multitask.taxonomy import TASKS, Taxonomy
+from multitask.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ CACHE_DIR = "cache"
 TENSORBOARD_DIR = "logs"
 MARKER_FILE = ".multitask-run.json"
 LOCK_FILE = ".lock"
-CONFIG_FORMAT = 2  # 2: the heads are a nested sub-model (multitask.model.model_parts)
 # What train writes; overwrite removes these and whatever later steps recorded with claim_files.
 TRAIN_FILES = (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT, STATE_DIR, TENSORBOARD_DIR)
 # Settings that do not change what a run computes, so a run may be resumed with other values.
@@ -152,57 +150,7 @@ class RunInfo:
     def load_model(self):
         """The run's Keras model, loaded with safe_mode=True; RunError when the file is damaged, refused, or its
         input size is not the run's ``image_size``."""
-        import keras
-
-        path = self.model_path
-        _check_model_archive(path)
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except MODEL_READ_ERRORS as exc:
-            if _refused_by_safe_mode(exc):
-                raise RunError(
-                    f"{path} was refused for safety: the file contains code (e.g. a Lambda layer) that loading it "
-                    "would run. Models written by `multitask train` contain only built-in layers. Retrain the run, "
-                    "or restore model.keras from a copy you made yourself"
-                ) from None
-            raise RunError(f"{path} is damaged: keras cannot read it ({type(exc).__name__}: {_short(exc)}). "
-                           f"{REPAIR_HINT}") from exc
-        size = tuple(model.input_shape[1:3])
-        if size != (self.image_size, self.image_size):
-            raise RunError(f"{self.path / CONFIG_FILE}: field 'image_size' is {self.image_size} but {path} takes "
-                           f"{size[0]}x{size[1]} px images, so the two files come from different runs; "
-                           "retrain the run or restore the matching files")
-        return model
-
-
-REPAIR_HINT = "Retrain the run, or restore model.keras from a backup"
-ZIP_SIGNATURE = b"PK\x03\x04"
-# What keras.models.load_model raises for a damaged archive: JSON and deserialisation errors (ValueError), h5py's
-# OSError / RuntimeError / KeyError, zipfile.BadZipFile; a safe-mode refusal is a ValueError too.
-MODEL_READ_ERRORS = (ValueError, OSError, KeyError, RuntimeError, TypeError, EOFError, zipfile.BadZipFile)
-
-
-def _check_model_archive(path: Path) -> None:
-    """RunError unless ``path`` looks like a whole ``.keras`` archive: a zip with its end-of-archive record."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(len(ZIP_SIGNATURE))
-    problem = ("empty" if size == 0 else "not a zip archive" if head != ZIP_SIGNATURE
-               else "cut short: no end-of-archive record" if not zipfile.is_zipfile(path) else None)
-    if problem:
-        raise RunError(f"{path} is damaged ({problem}; {size:,} bytes): expected a complete .keras archive, a zip "
-                       f"holding config.json and model.weights.h5 (tens of MB for an InceptionV3 model). {REPAIR_HINT}")
-
-
-def _refused_by_safe_mode(exc: Exception) -> bool:
-    text = str(exc)  # keras says how to switch safe mode off; we never pass that advice on
-    return "safe_mode" in text or "unsafe_deserialization" in text
-
-
-def _short(exc: Exception, limit: int = 200) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters."""
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return text[:limit] + ("..." if len(text) > limit else "")
+        return load_checked_model(self.model_path, image_size=self.image_size, config_path=self.path / CONFIG_FILE)
 
 
 def open_run(run_dir: str | os.PathLike) -> RunInfo:
@@ -232,60 +180,6 @@ def open_run(run_dir: str | os.PathLike) -> RunInfo:
     if not (path / MODEL_FILE).is_file():
         raise RunError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}; retrain the run")
     return RunInfo(path=path, config=config)
-
-
-REQUIRED_FIELDS = ("task", "tasks", "image_size", "labels", "taxonomy")
-TASKS_OF = {"joint": TASKS, **{task: (task,) for task in TASKS}}
-
-
-def check_config(config: dict[str, Any], *, source: str | os.PathLike) -> None:
-    """RunError naming the field, its value and ``source`` unless every field a reader uses has the right type
-    and value: format (a whole number, when present), task, tasks (those of task), image_size (a positive whole
-    number), labels (exactly the taxonomy's, in order), taxonomy (a valid table), and the optional calibration
-    (positive temperatures, a threshold in 0..1) and ood (a numeric threshold)."""
-
-    def bad(field: str, expected: str) -> RunError:
-        value = json.dumps(config[field])
-        shown = value if len(value) <= 80 else value[:77] + "..."
-        return RunError(f"{source}: field {field!r} is {shown}; expected {expected}. The file is damaged or was "
-                        "edited: retrain the run, or restore config.json from a backup")
-
-    if "format" in config and (isinstance(config["format"], bool) or not isinstance(config["format"], int)):
-        raise bad("format", f"a whole number (this version writes {CONFIG_FORMAT})")
-    task = config["task"]
-    if not isinstance(task, str) or task not in TASKS_OF:
-        raise bad("task", f"one of {', '.join(TASKS_OF)}")
-    if not isinstance(config["tasks"], list) or tuple(config["tasks"]) != TASKS_OF[task]:
-        raise bad("tasks", f"{json.dumps(list(TASKS_OF[task]))} for task {task!r}")
-    size = config["image_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise bad("image_size", "a positive whole number of pixels, the model's input size")
-    try:
-        taxonomy = Taxonomy.from_records(config["taxonomy"], source=f"{source}, field 'taxonomy'")
-    except (TaxonomyError, TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise RunError(f"{source}: field 'taxonomy' is not a valid subclass table ({_short(exc)}); retrain the run, "
-                       "or restore config.json from a backup") from None
-    labels = config["labels"]
-    expected = {t: list(taxonomy.labels(t)) for t in TASKS_OF[task]}
-    if labels != expected:
-        raise bad("labels", f"{json.dumps(expected)} (the taxonomy's labels, in order)")
-    calibration = config.get("calibration") or {}
-    temperatures = (calibration.get("temperatures") or {}) if isinstance(calibration, dict) else None
-    if (not isinstance(temperatures, dict) or not all(_is_number(t) and t > 0 for t in temperatures.values())
-            or not _is_number(calibration.get("malignancy_threshold", 0.5), low=0.0, high=1.0)):
-        raise bad("calibration", 'null, or {"temperatures": {task: a positive number}, "malignancy_threshold": a '
-                                 "number from 0 to 1 or null}")
-    ood = config.get("ood") or {}
-    if not isinstance(ood, dict) or not _is_number(ood.get("threshold", 0.0)):
-        raise bad("ood", 'null, or {"threshold": a number or null}')
-
-
-def _is_number(value: Any, *, low: float = -math.inf, high: float = math.inf) -> bool:
-    """A finite JSON number (not a boolean) within [low, high]; None counts (an optional value left out)."""
-    if value is None:
-        return True
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-        and low <= value <= high
 
 
 def claim_files(run_dir: str | os.PathLike, names: list[str]) -> None:
