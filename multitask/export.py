@@ -95,6 +95,7 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     out = Path(out).expanduser() if out is not None else export_dir(info, format)
     if calibration < 1 or check_images < 1:
         raise ExportError(f"--calibration and --check-images must be positive, got {calibration} and {check_images}")
+    _refuse_foreign(out)
     sha = model_sha256(info.model_path)  # before loading: the file the export is known to match
     inference = run_inference_model(info)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,21 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     log.info("exported %s to %s", format, out)
     return ExportResult(format=format, path=out, artifact=out / ARTIFACTS[format], max_abs_diff=diff,
                         argmax_agreement=agreement, images=len(images), seconds=time.perf_counter() - start)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse an ``out`` that holds anything but one earlier export: replacing it must never delete user files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder; choose another --out")
+    ours = {LABELS_FILE, EXPORT_FILE, *ARTIFACTS.values()}
+    found = sorted(entry.name for entry in out.iterdir())
+    foreign = [name for name in found if name not in ours]
+    if foreign or (found and EXPORT_FILE not in found):
+        shown = ", ".join(foreign or found)
+        raise ExportError(f"--out {out} holds files that are not an export of ours ({shown[:200]}); nothing was "
+                          "written: choose an empty or new folder")
 
 
 def _check_format(format: str) -> str:
