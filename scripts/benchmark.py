@@ -338,7 +338,7 @@ def format_table(r: dict) -> str:
             agreement = "" if name == "keras" else (
                 f"{withheld}; vs Keras on {g['test_images']} test images: argmax agreement "
                 + " / ".join(f"{t} {a:.1%}" for t, a in x["argmax_agreement"].items())
-                + ", max |diff| " + " / ".join(f"{t} {v:.2g}" for t, v in x["max_abs_diff"].items()))
+                + ", max abs diff " + " / ".join(f"{t} {v:.2g}" for t, v in x["max_abs_diff"].items()))
             rows.append((f"Engine {titles[name]}, batch {g['batch_size']}, {g['image_size']} px",
                          f"{x['images_per_s']:.1f} images/s",
                          f"{x['x_keras']:.2f}x Keras{agreement}" + (f" ({targets[name]})" if targets[name] else "")))
