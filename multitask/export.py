@@ -32,7 +32,7 @@ from multitask.data import load_image, load_split
 from multitask.engines import Engine, KerasEngine, OnnxEngine, SavedModelEngine
 from multitask.errors import ConfigError, ExportError
 from multitask.files import read_json, write_json
-from multitask.inference import inference_model, output_names
+from multitask.inference import OOD_SCORE, inference_model, output_names
 from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
 from multitask.settings import ENGINES, EXPORT_CALIBRATION_IMAGES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
 
@@ -44,10 +44,12 @@ LABELS_FILE = "labels.json"
 EXPORT_FILE = "export.json"
 INPUT_FORMAT = "float32 RGB 0..255, NHWC, shape [N, S, S, 3]"
 # The self-check's bars: fp32 formats reproduce Keras up to float rounding; int8 must keep every answer.
+# ood_score is not a probability: a sum of standardised distances (multitask.ood), tens for foreign images and
+# thresholded around 5-15, so its bar is its own (fp32: float32 rounding of 768-feature sums; int8: see INT8_OOD).
 TOLERANCE = {
-    "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
-    "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
-    "int8": {"max_abs_diff": 0.05, "argmax_agreement": 0.99},
+    "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 1e-3},
+    "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 1e-3},
+    "int8": {"max_abs_diff": 0.05, "argmax_agreement": 0.99, "ood_score_max_abs_diff": 1.0},
 }
 
 
@@ -167,7 +169,9 @@ def compare(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
 
 def _raise_if_failed(record: dict, *, info: RunInfo) -> None:
     tolerance = record["tolerance"]
-    failed = {name: x for name, x in record["max_abs_diff"].items() if not x <= tolerance["max_abs_diff"]}
+    allowed = {OOD_SCORE: tolerance.get("ood_score_max_abs_diff", tolerance["max_abs_diff"])}
+    failed = {name: x for name, x in record["max_abs_diff"].items()
+              if not x <= allowed.get(name, tolerance["max_abs_diff"])}
     failed |= {f"{task} argmax agreement": x for task, x in record["argmax_agreement"].items()
                if not x >= tolerance["argmax_agreement"]}
     if failed:

@@ -18,7 +18,7 @@ from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 
 JOINT_COLUMNS = (
-    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "note"]
+    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note"]
     + [f"p_organ_{label}" for label in ORGAN_LABELS]
     + ["p_cancer_Benign", "p_cancer_Malignant", "error"]
 )
