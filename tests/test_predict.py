@@ -108,8 +108,8 @@ def test_single_task_run_has_only_its_columns(cancer_run, mixed_folder, tmp_path
     out = tmp_path / "p.json"
     assert cli.main(["predict", str(cancer_run), str(next(mixed_folder.rglob("all_benign"))), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "note", "p_cancer_Benign",
-                                "p_cancer_Malignant", "error"]
+    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note",
+                                "p_cancer_Benign", "p_cancer_Malignant", "error"]
     empty = next(r for r in records if r["path"].endswith(BAD_FILE_NAMES["empty"]))
     assert empty["cancer"] is None and empty["cancer_prob"] is None and "empty" in empty["error"]
     assert "\\/" not in out.read_text()
