@@ -3,7 +3,7 @@
 Every format holds the run's **inference graph** (:func:`multitask.inference.inference_model`): one input,
 ``image``, float32 RGB in 0..255, NHWC at the run's image size (the single scaling to [-1, 1] stays inside the
 graph), one output per head holding PROBABILITIES (the run's temperatures folded in), and ``ood_score`` when the
-run has an out-of-distribution detector. Beside each artifact::
+run has an out-of-distribution detector (not in int8: see ``WITHOUT_OOD``). Beside each artifact::
 
     labels.json   labels per head, malignancy threshold, image size, input format, output names
     export.json   the self-check: max |probability difference| and argmax agreement per head against the Keras
@@ -32,7 +32,7 @@ from multitask.data import load_image
 from multitask.engines import Engine, KerasEngine, OnnxEngine, SavedModelEngine
 from multitask.errors import ConfigError, ExportError
 from multitask.files import read_json, write_json
-from multitask.inference import inference_model, output_names
+from multitask.inference import OOD_SCORE, inference_model, output_names
 from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
 from multitask.settings import ENGINES, EXPORT_CALIBRATION_IMAGES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
 from multitask.splits import load_split
@@ -45,11 +45,19 @@ LABELS_FILE = "labels.json"
 EXPORT_FILE = "export.json"
 INPUT_FORMAT = "float32 RGB 0..255, NHWC, shape [N, S, S, 3]"
 # The self-check's bars: fp32 formats reproduce Keras up to float rounding; int8 must keep every answer.
+# ood_score is not a probability: a sum of standardised distances (multitask.ood), tens for foreign images and
+# thresholded around 5-15, so its bar is its own (fp32: float32 rounding of 768-feature sums; int8 has no
+# ood_score: see WITHOUT_OOD).
 TOLERANCE = {
-    "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
-    "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0},
+    "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 1e-3},
+    "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 1e-3},
     "int8": {"max_abs_diff": 0.05, "argmax_agreement": 0.99},
 }
+# Formats exported without ood_score. int8: activations quantised to 8 bits, then whitened (multitask.ood), which
+# amplifies the rounding along the training images' low-variance directions: on the real-sample run the int8
+# ood_score differed from Keras' by up to 7.97 on 32 of its own test images, against a threshold of 10.7. A score that
+# wrong would flag or pass images at random, so int8 predictions carry no ood columns (use onnx or keras for them).
+WITHOUT_OOD = ("int8",)
 
 
 # ----------------------------------------------------------------------------------------------- export a run
@@ -98,7 +106,7 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
         raise ExportError(f"--calibration and --check-images must be positive, got {calibration} and {check_images}")
     _refuse_foreign(out)
     sha = model_sha256(info.model_path)  # before loading: the file the export is known to match
-    inference = run_inference_model(info)
+    inference = run_inference_model(info, ood=format not in WITHOUT_OOD)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -148,10 +156,11 @@ def _check_format(format: str) -> str:
     return format
 
 
-def run_inference_model(info: RunInfo, *, calibrated: bool = True):
-    """The run's inference graph: its temperatures (unless not ``calibrated``) and its OOD detector folded in."""
+def run_inference_model(info: RunInfo, *, calibrated: bool = True, ood: bool = True):
+    """The run's inference graph: its temperatures (unless not ``calibrated``) and its OOD detector (unless not
+    ``ood``) folded in."""
     return inference_model(info.load_model(), temperatures=info.temperatures if calibrated else None,
-                           ood=info.load_ood())
+                           ood=info.load_ood() if ood else None)
 
 
 def check_batch(info: RunInfo, n: int) -> tuple[np.ndarray, list[str]]:
@@ -184,7 +193,9 @@ def compare(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
 
 def _raise_if_failed(record: dict, *, info: RunInfo) -> None:
     tolerance = record["tolerance"]
-    failed = {name: x for name, x in record["max_abs_diff"].items() if not x <= tolerance["max_abs_diff"]}
+    allowed = {OOD_SCORE: tolerance.get("ood_score_max_abs_diff", tolerance["max_abs_diff"])}
+    failed = {name: x for name, x in record["max_abs_diff"].items()
+              if not x <= allowed.get(name, tolerance["max_abs_diff"])}
     failed |= {f"{task} argmax agreement": x for task, x in record["argmax_agreement"].items()
                if not x >= tolerance["argmax_agreement"]}
     if failed:
@@ -200,7 +211,7 @@ def labels_record(info: RunInfo, inference) -> dict:
         "organ_labels": list(info.labels.get("organ", [])),
         "cancer_labels": list(info.labels.get("cancer", [])),
         "malignancy_threshold": info.malignancy_threshold,
-        "ood_threshold": info.ood_threshold,
+        "ood_threshold": info.ood_threshold if OOD_SCORE in output_names(inference) else None,
         "image_size": info.image_size,
         "input_name": "image",
         "input_format": INPUT_FORMAT,

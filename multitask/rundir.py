@@ -7,6 +7,7 @@ A finished run holds::
     split.csv            the exact manifest and split the run used
     history.csv          per-epoch metrics (CSVLogger)
     history.png          loss and accuracy per head
+    ood.json, ood.npz    the out-of-distribution detector (multitask.ood), fitted on the training images
     logs/                TensorBoard logs
     cache/               cached backbone features and keypoints (keyed, always safe to reuse or delete)
     .multitask-run.json  the marker that says this folder is a run of ours, and which files it owns
@@ -52,14 +53,16 @@ SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.csv"
 HISTORY_PLOT = "history.png"
 EXPORT_DIR = "export"  # checked exports of the model (multitask.export)
-OOD_FILE = "ood.json"  # the out-of-distribution detector (arrays beside it in ood.npz)
+OOD_FILE = "ood.json"  # the out-of-distribution detector (multitask.ood) ...
+OOD_ARRAYS_FILE = "ood.npz"  # ... and its arrays beside it
 STATE_DIR = "train-state"  # backups and phase results of an unfinished run; removed when the run completes
 CACHE_DIR = "cache"
 TENSORBOARD_DIR = "logs"
 MARKER_FILE = ".multitask-run.json"
 LOCK_FILE = ".lock"
 # What train writes; overwrite removes these and whatever later steps recorded with claim_files.
-TRAIN_FILES = (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT, STATE_DIR, TENSORBOARD_DIR)
+TRAIN_FILES = (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT, STATE_DIR, TENSORBOARD_DIR, OOD_FILE,
+               OOD_ARRAYS_FILE)
 # Settings that do not change what a run computes, so a run may be resumed with other values.
 RESUMABLE_ANYWAY = ("verbose", "overwrite", "cache_dir", "strategy")
 MODEL_BYTES = 100 * 2**20  # a joint model's weights in float32; checkpoints and backups hold a few copies

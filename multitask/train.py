@@ -38,7 +38,16 @@ from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
 from multitask.history import best_epoch, plot_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
-from multitask.rundir import CACHE_DIR, HISTORY_FILE, HISTORY_PLOT, TENSORBOARD_DIR, RunDir, RunInfo, package_versions
+from multitask.rundir import (
+    CACHE_DIR,
+    HISTORY_FILE,
+    HISTORY_PLOT,
+    OOD_FILE,
+    TENSORBOARD_DIR,
+    RunDir,
+    RunInfo,
+    package_versions,
+)
 from multitask.settings import TrainConfig
 from multitask.splits import load_split, save_split, split_manifest
 from multitask.taxonomy import load_taxonomy
@@ -104,7 +113,8 @@ class Trainer:
             tuned = self.fine_tune(split, features, heads, balance) if config.fine_tune_epochs else None
             backbone_changed = tuned is not None and _better(tuned.best, heads.best)
             calibration = self.calibrate(fit_rows, features, backbone_changed=backbone_changed)
-            return self.finish(split, features, heads, tuned, balance, calibration)
+            ood = self.fit_ood(split)
+            return self.finish(split, features, heads, tuned, balance, calibration, ood)
 
     def split(self) -> pd.DataFrame:
         """The run's split, saved as split.csv before training so a resumed run uses the very same one."""
@@ -281,10 +291,19 @@ class Trainer:
         order = np.argsort(np.concatenate([index for index, _ in parts]))
         return {t: np.concatenate([np.asarray(out[t]) for _, out in parts])[order] for t in self.config.tasks}
 
+    def fit_ood(self, split: pd.DataFrame) -> dict[str, Any] | None:
+        """The out-of-distribution detector (:mod:`multitask.ood`): fitted on the training images through the saved
+        backbone, thresholded on the validation images, written into the run."""
+        from multitask.ood import fit_run_detector
+
+        config = self.config
+        return fit_run_detector(self.parts.backbone, split, image_size=config.image_size,
+                                batch_size=config.batch_size, seed=config.seed, out=self.run.path / OOD_FILE)
+
     # ------------------------------------------------------------------------------------------- the end
 
     def finish(self, split: pd.DataFrame, features: Features, heads: PhaseResult, tuned: PhaseResult | None,
-               balance: dict | None, calibration: dict[str, Any]) -> RunInfo:
+               balance: dict | None, calibration: dict[str, Any], ood: dict[str, Any] | None = None) -> RunInfo:
         """Plot the history, then save the model and write config.json (last), describing the saved model."""
         config = self.config
         history = tidy_history(self.run.path / HISTORY_FILE)
@@ -310,6 +329,7 @@ class Trainer:
             "saved": {"phase": "fine_tune" if kept is tuned else "heads", "epoch": kept.best_epoch},
             "weighting": self.weighting.state(),
             "calibration": calibration,
+            "ood": ood,
             "class_weights": balance,
             "split_counts": split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict(),
             "features": {"cache": str(features.path), "reused": features.reused, "images": int(len(features.rows)),

@@ -145,6 +145,11 @@ def test_evaluate_run_on_its_test_split(joint_run, demo_split_csv, tmp_path):
             assert lo <= metrics[task][key] + 1e-9 and metrics[task][key] <= hi + 1e-9, (task, key)
     assert sum(map(sum, metrics["organ"]["confusion_matrix"])) == len(test)
     assert sum(v["n"] for v in metrics["cancer"]["per_organ"].values()) == len(test)
+    # the OOD rate: the share of evaluated images above the run's threshold, with its interval
+    ood = metrics["ood"]
+    assert ood["threshold"] == pytest.approx(json.loads((joint_run / "config.json").read_text())["ood"]["threshold"])
+    assert ood["fraction"] == pytest.approx(ood["n_flagged"] / len(test))
+    assert ood["ci95"]["fraction"][0] <= ood["fraction"] <= ood["ci95"]["fraction"][1]
 
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["cancer"]["roc_auc"] == pytest.approx(metrics["cancer"]["roc_auc"])

@@ -19,7 +19,7 @@ from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 
 JOINT_COLUMNS = (
-    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "note"]
+    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note"]
     + [f"p_organ_{label}" for label in ORGAN_LABELS]
     + ["p_cancer_Benign", "p_cancer_Malignant", "error"]
 )
@@ -109,8 +109,8 @@ def test_single_task_run_has_only_its_columns(cancer_run, mixed_folder, tmp_path
     out = tmp_path / "p.json"
     assert cli.main(["predict", str(cancer_run), str(next(mixed_folder.rglob("all_benign"))), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "note", "p_cancer_Benign",
-                                "p_cancer_Malignant", "error"]
+    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note",
+                                "p_cancer_Benign", "p_cancer_Malignant", "error"]
     empty = next(r for r in records if r["path"].endswith(BAD_FILE_NAMES["empty"]))
     assert empty["cancer"] is None and empty["cancer_prob"] is None and "empty" in empty["error"]
     assert "\\/" not in out.read_text()
