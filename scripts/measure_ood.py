@@ -27,8 +27,9 @@ WEIGHTS = Path.home() / ".cache" / "multitask" / "inception_v3_pretrained_notop.
 
 
 def train_run(out: Path, data: Path, weights: Path) -> Path:
-    from multitask.data import save_split, scan, split_manifest
+    from multitask.data import scan
     from multitask.settings import TrainConfig
+    from multitask.splits import save_split, split_manifest
     from multitask.train import train
 
     split = out / "split.csv"
@@ -57,11 +58,11 @@ def main() -> None:
         parser.error("give --run or --out")
     import tensorflow as tf
 
-    from multitask.data import load_split
     from multitask.model import model_parts
     from multitask.ood import extract, feature_model
     from multitask.predict import Predictor
     from multitask.rundir import open_run
+    from multitask.splits import load_split
 
     run = Path(args.run) if args.run else train_run(Path(args.out), Path(args.data), Path(args.weights))
     info = open_run(run)

@@ -13,13 +13,13 @@ from foreign import foreign_images, kind_of
 from PIL import Image
 
 from multitask import cli
-from multitask.data import load_split
 from multitask.errors import RunError
 from multitask.inference import OOD_SCORE, inference_model
 from multitask.model import model_parts
 from multitask.ood import OodDetector, extract, feature_model
 from multitask.predict import Predictor
 from multitask.rundir import MARKER_FILE, open_run
+from multitask.splits import load_split
 
 
 def clusters(rng, n_per: int = 60, centres=None):
