@@ -1,4 +1,4 @@
-"""Calibrated probabilities, the malignancy operating point and bootstrap intervals: pure numpy/scipy/sklearn.
+"""Calibrated probabilities and the malignancy operating point: pure numpy/scipy/sklearn.
 
 Everything here takes arrays (label ids, logits or probabilities) and returns numbers, tables or a matplotlib
 ``Figure``; nothing imports TensorFlow, touches files or knows about runs, so ``train``, ``evaluate``, ``predict``

@@ -1,4 +1,4 @@
-"""Find augmented siblings of one source image, so a split can keep them together; audit any split for leakage.
+"""Find augmented siblings of one source image, so a split can keep them together (audits: multitask.audit).
 
 The Kaggle "Multi Cancer" set makes 5,000 images per subclass by rotating (<=10 deg), shifting and zooming
 (<=10%), flipping and re-lighting (0.8-1.2) far fewer source images. Global descriptors with a distance threshold
