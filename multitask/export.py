@@ -268,11 +268,12 @@ def _write_onnx(inference, artifact: Path, **_) -> None:
 def _write_int8(inference, artifact: Path, *, info: RunInfo, calibration: int) -> None:
     """ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights), calibrated on training images.
 
-    ``reduce_range`` (7-bit weights) because this project's CPUs have AVX2 without VNNI: there ONNX Runtime's
-    u8 x s8 kernels add pairs of products into 16-bit sums that saturate, and the full-range model disagreed with
-    Keras on 9% of cancer answers (activations 38% off after the first block). 7-bit weights cannot saturate
-    and keep the fast kernel; u8 x u8 also avoids it but was slower than fp32. Measured against OpenVINO + NNCF
-    int8 on the real-sample run: ONNX Runtime was closer to Keras; numbers in the README.
+    ``reduce_range`` (7-bit weights) because CPUs with AVX2 but without VNNI are common: there ONNX Runtime's u8 x
+    s8 kernels add pairs of products into 16-bit sums that saturate, and the full-range model disagreed with Keras
+    on 9% of cancer answers (activations 38% off after the first block). On a CPU with AVX-512 VNNI the full range
+    was no better on the real-sample run (max difference 0.93 / 0.59 against 0.81 / 0.38). 7-bit weights cannot
+    saturate and keep the fast kernel; u8 x u8 also avoids it but was slower than fp32. Measured against OpenVINO +
+    NNCF int8 on the real-sample run: ONNX Runtime was closer to Keras; numbers in the README.
 
     On the real-sample run (256 px, pretrained, frozen) this misses its own bar: up to 0.81 (organ) / 0.38
     (cancer) probability difference on the test split, argmax agreement 98.9%. The rounding is spread over the
