@@ -153,7 +153,9 @@ def test_shards_merged_equal_one_unsharded_run(shard_parts, test_images, tmp_pat
     merged = tmp_path / "all.csv"
     assert cli.main(["predict", "--merge", *map(str, reversed(shard_parts)), "--out", str(merged)]) == 0
     unsharded = pd.read_csv(shard_parts[0].parent / "unsharded.csv").sort_values("path", ignore_index=True)
-    pd.testing.assert_frame_equal(pd.read_csv(merged), unsharded, check_exact=False, rtol=1e-5)
+    # Decisions and paths exactly; numbers up to float32 rounding, which depends on which images share a batch
+    # (ood_score's whitening shows it most: ~3e-6 on scores of magnitude 1-10).
+    pd.testing.assert_frame_equal(pd.read_csv(merged), unsharded, check_exact=False, rtol=1e-5, atol=1e-4)
 
 
 def test_merge_names_a_missing_shard(shard_parts, tmp_path, capsys):
