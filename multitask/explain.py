@@ -16,6 +16,7 @@ moving statistics).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,17 @@ class GradCam:
                                     [parts.backbone.get_layer(self.layer).output, parts.backbone.output])
         self._maps = tf.function(self._compute, reduce_retracing=True)
 
-    def _compute(self, images):
+    def _compute(self, images, chosen):
         import tensorflow as tf
 
         with tf.GradientTape(persistent=True) as tape:
             maps, features = self.backbone(images, training=False)
             logits = self.heads(features, training=False)  # dropout off
-            scores = {t: tf.reduce_max(v, axis=-1) for t, v in logits.items()}  # predicted class's logit
+            # The class to explain: the one the caller decided on (e.g. Malignant at the run's threshold, which
+            # need not be the argmax), else the predicted one; its logit is what the gradients explain.
+            classes = {t: tf.where(chosen[t] >= 0, chosen[t], tf.argmax(logits[t], axis=-1, output_type=tf.int32))
+                       for t in self.tasks}
+            scores = {t: tf.gather(logits[t], classes[t], batch_dims=1) for t in self.tasks}
         cams, predicted = {}, {}
         for task in self.tasks:
             grads = tape.gradient(scores[task], maps)
@@ -65,15 +70,21 @@ class GradCam:
             cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))
             peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
             cams[task] = tf.math.divide_no_nan(cam, peak)
-            predicted[task] = tf.argmax(logits[task], axis=-1)
+            predicted[task] = classes[task]
         del tape
         return cams, predicted
 
-    def __call__(self, images) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Heatmaps {task: (N, h, w) in [0, 1]} and predicted class ids {task: (N,)} for a batch of images."""
+    def __call__(self, images, classes: Mapping[str, Sequence[int]] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Heatmaps {task: (N, h, w) in [0, 1]} and the explained class ids {task: (N,)} for a batch of images.
+
+        ``classes[task]`` names the class to explain per image (-1, or a task left out: the predicted class)."""
         import tensorflow as tf
 
-        cams, predicted = self._maps(tf.convert_to_tensor(images, tf.float32))
+        n = len(images)
+        chosen = {t: tf.constant(np.asarray((classes or {}).get(t, np.full(n, -1)), np.int32).reshape(n))
+                  for t in self.tasks}
+        cams, predicted = self._maps(tf.convert_to_tensor(images, tf.float32), chosen)
         return {t: v.numpy() for t, v in cams.items()}, {t: v.numpy() for t, v in predicted.items()}
 
 

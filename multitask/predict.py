@@ -252,15 +252,25 @@ class Predictor:
             self._gradcam = GradCam(self.model)
         return self._gradcam
 
-    def heatmaps(self, files: Sequence[str], *, batch_size: int = 16):
-        """Grad-CAM batches ``(indices, images, {task: (n, h, w) heatmaps}, {task: predicted ids})`` of ``files``.
+    def heatmaps(self, files: Sequence[str], *, batch_size: int = 16, classes: dict[str, np.ndarray] | None = None):
+        """Grad-CAM batches ``(indices, images, {task: (n, h, w) heatmaps}, {task: explained ids})`` of ``files``.
 
-        Unreadable files are skipped (their index is absent); see :mod:`multitask.explain` for the method.
+        ``classes[task]`` (one id per file, -1 for the predicted class) says which class to explain, e.g. the
+        decisions of :meth:`decided_classes`. Unreadable files are skipped (their index is absent); see
+        :mod:`multitask.explain` for the method.
         """
         for index, images in indexed_images([str(f) for f in files], image_size=self.image_size,
                                             batch_size=batch_size):
-            cams, predicted = self.gradcam(images)
-            yield index.numpy(), images.numpy(), cams, predicted
+            rows = index.numpy()
+            chosen = {t: np.asarray(ids)[rows] for t, ids in (classes or {}).items()}
+            cams, explained = self.gradcam(images, chosen)
+            yield rows, images.numpy(), cams, explained
+
+    def decided_classes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The class id each head answered per row of a predictions table (-1 where it gave none): what Grad-CAM
+        should explain, since the cancer answer follows the run's threshold rather than the larger probability."""
+        return {task: np.array([self.labels[task].index(v) if v in self.labels[task] else -1 for v in frame[task]],
+                               np.int32) for task in self.tasks}
 
     def explain(self, path: str | os.PathLike, head: str = "organ") -> np.ndarray:
         """Grad-CAM heatmap of ``head``'s predicted class for one image file: a 2-D array in [0, 1] at the
@@ -282,7 +292,8 @@ class Predictor:
         for task in self.tasks:
             frame[f"explain_{task}"] = None
         files = frame.loc[readable, "path"].tolist()
-        for index, images, cams, _ in self.heatmaps(files, batch_size=batch_size):
+        decided = self.decided_classes(frame.loc[readable])
+        for index, images, cams, _ in self.heatmaps(files, batch_size=batch_size, classes=decided):
             for i, image in zip(index, images, strict=True):
                 row = readable[i]
                 stem = f"{row:05d}_{Path(files[i]).stem}"

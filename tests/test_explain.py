@@ -56,6 +56,21 @@ def test_heatmaps_have_feature_map_shape_and_unit_range(trained_joint):
     assert predicted["organ"].shape == (6,)
 
 
+def test_a_chosen_class_is_explained_instead_of_the_argmax(trained_joint):
+    """The cancer answer follows the run's threshold, so Grad-CAM must be able to explain the class decided on."""
+    net, rng = trained_joint
+    images, _ = quadrant_images(20, rng)
+    gradcam = GradCam(net)
+    cams, predicted = gradcam(images)
+    other = 1 - predicted["cancer"]
+    chosen = np.where(np.arange(20) % 2 == 0, other, -1)  # the other class on even rows, the predicted one on odd
+    cams_chosen, explained = gradcam(images, {"cancer": chosen})
+    assert np.array_equal(explained["cancer"], np.where(chosen >= 0, other, predicted["cancer"]))
+    assert np.array_equal(explained["organ"], predicted["organ"])  # heads left out: their predicted class
+    np.testing.assert_allclose(cams_chosen["cancer"][1::2], cams["cancer"][1::2], atol=1e-5)
+    assert not np.allclose(cams_chosen["cancer"][0::2], cams["cancer"][0::2], atol=1e-3)
+
+
 def test_cancer_heatmap_peaks_in_the_quadrant_holding_the_evidence(trained_joint):
     net, rng = trained_joint
     images, labels = quadrant_images(20, rng)

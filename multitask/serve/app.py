@@ -87,7 +87,8 @@ class Service:
         frame = self.predictor.table(names, outputs, errors)
         results = [self._record(row) for row in frame.to_dict("records")]
         if explain and good:
-            overlays = await run_in_threadpool(self._overlays, [decoded[i][0] for i in good])
+            decided = self.predictor.decided_classes(frame.iloc[good])
+            overlays = await run_in_threadpool(self._overlays, [decoded[i][0] for i in good], decided)
             for i, overlay in zip(good, overlays, strict=True):
                 results[i]["explain"] = overlay
         if not good:
@@ -113,12 +114,12 @@ class Service:
         record["note"] = row["note"] if isinstance(row["note"], str) else None
         return record
 
-    def _overlays(self, images: list[np.ndarray]) -> list[dict[str, str]]:
-        """Grad-CAM overlay of each head's predicted class per image, as PNG data URLs."""
+    def _overlays(self, images: list[np.ndarray], decided: dict[str, np.ndarray]) -> list[dict[str, str]]:
+        """Grad-CAM overlay of each head's answer per image (the class the card shows), as PNG data URLs."""
         from multitask.explain import overlay, png_data_url
 
         with self._gradcam_lock:
-            cams, _ = self.predictor.gradcam(np.stack(images))
+            cams, _ = self.predictor.gradcam(np.stack(images), decided)
         return [{task: png_data_url(overlay(image, cams[task][i])) for task in self.predictor.tasks}
                 for i, image in enumerate(images)]
 
