@@ -139,15 +139,23 @@ def label_paths(frame: pd.DataFrame, taxonomy: Taxonomy) -> pd.DataFrame:
 
 def image_problem(path: str) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it decodes fully. Only regular files are opened."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         kind = file_kind(os.stat(path).st_mode)
         if kind != "regular file":
             return f"not a regular file (a {kind})"
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as im:
+    except FileNotFoundError:
+        return "file not found"
+    return decoding_problem(path)
+
+
+def decoding_problem(source) -> str | None:
+    """Why PIL cannot fully decode ``source`` (a path, or a binary file object such as an upload), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
             im.load()  # full decode: catches truncation, not just a valid header
     except FileNotFoundError:
         return "file not found"

@@ -129,6 +129,7 @@ def decode_upload(data: bytes, image_size: int) -> tuple[np.ndarray | None, str 
     import tensorflow as tf
     from PIL import Image, UnidentifiedImageError
 
+    from multitask.data import decoding_problem
     from multitask.predict import TF_ONLY_PROBLEM
 
     if not data:
@@ -147,7 +148,7 @@ def decode_upload(data: bytes, image_size: int) -> tuple[np.ndarray | None, str 
     try:
         return _decoder(image_size)(data).numpy(), None
     except (tf.errors.OpError, ValueError):
-        return None, _problem(data) or TF_ONLY_PROBLEM
+        return None, decoding_problem(io.BytesIO(data)) or TF_ONLY_PROBLEM
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,15 +160,3 @@ def _decoder(image_size: int):
     from multitask.data import decode_image
 
     return tf.function(lambda data: decode_image(data, image_size), input_signature=[tf.TensorSpec([], tf.string)])
-
-
-def _problem(data: bytes) -> str | None:
-    """Why PIL cannot fully decode ``data`` (as :func:`multitask.data.image_problem` says for files), or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"corrupt image ({exc})"
-    return None
