@@ -189,7 +189,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(**{name: getattr(args, name) for name in TRAIN if hasattr(args, name)})
     info = train(config)
-    if not info.path.exists():  # a multi-worker run's other workers keep nothing (multitask.distribute)
+    if info is None:  # a multi-worker run's other workers keep nothing (multitask.distribute)
         print(f"\nfinished: this worker trained in step with the chief, whose --out holds the run; {config.out} was "
               "not written")
         return 0

@@ -181,7 +181,7 @@ def add_operating_point_options(p: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from multitask.export import LABELS_FILE, export_run
 
-    result = export_run(args.run_dir, format=args.format, out=args.out, calibration=args.calibration,
+    result = export_run(args.run_dir, format=args.format, out=args.out,
                         check_images=args.check_images)
     print(f"self-check on {result.images} of the run's val/test images against the Keras model:")
     for name, diff in result.max_abs_diff.items():
@@ -195,10 +195,9 @@ def run_export(args: argparse.Namespace) -> int:
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
     p.add_argument("--format", choices=settings.EXPORT_FORMATS, required=True,
-                   help="tf_saved_model (TF Serving), onnx (fp32: ONNX Runtime, OpenVINO...) or int8 (quantised)")
+                   help="tf_saved_model (TF Serving), onnx (fp32: ONNX Runtime, OpenVINO...) or int8 (LiteRT "
+                        "dynamic-range)")
     p.add_argument("--out", help="folder to write (default RUN/export/FORMAT/)")
-    p.add_argument("--calibration", type=int, default=settings.EXPORT_CALIBRATION_IMAGES, metavar="N",
-                   help="int8: calibrate on N images of the run's training split (default %(default)s)")
     p.add_argument("--check-images", type=int, default=settings.EXPORT_CHECK_IMAGES, metavar="N",
                    help="check the export on N of the run's test/val images (default %(default)s)")
 

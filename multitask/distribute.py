@@ -2,7 +2,9 @@
 
 ``--strategy multiworker`` runs one process per machine (``TF_CONFIG`` names the cluster and this process's place
 in it); every process runs the same training, with each step's gradients averaged across workers by all-reduce.
-Only the chief writes the run folder: the others write theirs into a temporary folder that is removed at the end.
+Only the chief writes the run folder: the others keep their state (checkpoints, their share of the feature cache)
+in a temporary folder that is removed at the end, and stop after the last training step, leaving calibration, the
+OOD detector and the saved model to the chief (none of these needs the other workers).
 
 Keras 3 (3.15 with TensorFlow 2.21 here) cannot ``fit`` under ``MultiWorkerMirroredStrategy`` as shipped; the
 TensorFlow tutorial fails the same way (keras-team/keras#20585, tensorflow/tensorflow#72388, keras-team/keras#20329).

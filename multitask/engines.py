@@ -1,4 +1,4 @@
-"""Inference engines: one small interface over Keras, ONNX Runtime (fp32 and int8) and TF SavedModel.
+"""Inference engines: one small interface over Keras, ONNX Runtime (fp32), LiteRT (int8) and TF SavedModel.
 
 An engine takes a batch of images, float32 RGB in 0..255, NHWC at its ``image_size``, and returns a dict of numpy
 arrays, one per output of the inference graph (:mod:`multitask.inference`): probabilities per head, and
@@ -60,7 +60,7 @@ class KerasEngine(Engine):
 
 
 class OnnxEngine(Engine):
-    """An exported ONNX file (fp32, or int8 with QDQ nodes) run by ONNX Runtime on the CPU."""
+    """An exported ONNX file run by ONNX Runtime on the CPU."""
 
     def __init__(self, path: str | os.PathLike, *, name: str = "onnx", threads: int | None = None):
         import onnxruntime as ort
@@ -81,6 +81,40 @@ class OnnxEngine(Engine):
         self._check(images)
         values = self.session.run(list(self.output_names), {self.input_name: images})
         return dict(zip(self.output_names, values, strict=True))
+
+
+class LiteRtEngine(Engine):
+    """An exported LiteRT (TensorFlow Lite) file, called through its ``serving_default`` signature on the CPU.
+
+    The interpreter comes from ``ai-edge-litert`` (TensorFlow's own ``tf.lite.Interpreter`` is deprecated); its
+    XNNPACK delegate runs the int8 kernels. Not thread-safe: one engine per thread, as the server and
+    ``Predictor`` use it.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, name: str = "int8", threads: int | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as error:
+            raise ImportError("the int8 engine needs LiteRT: pip install 'multitask[export]' "
+                              "(or pip install ai-edge-litert)") from error
+
+        self.name, self.path = name, Path(path)
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        self.runner = interpreter.get_signature_runner("serving_default")
+        (detail,) = self.runner.get_input_details().values()
+        self.image_size = int(detail["shape_signature"][1])
+        self.output_names = tuple(sorted(self.runner.get_output_details(), key=_output_order))
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, np.float32)
+        self._check(images)
+        outputs = self.runner(image=images)  # resizes the batch dimension when it changes
+        return {name: np.array(outputs[name]) for name in self.output_names}
+
+
+def _output_order(name: str) -> tuple[int, str]:
+    """Heads in canonical order, then anything else (ood_score) by name: signatures list outputs alphabetically."""
+    return (TASKS.index(name), name) if name in TASKS else (len(TASKS), name)
 
 
 class SavedModelEngine(Engine):

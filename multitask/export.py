@@ -29,18 +29,19 @@ import numpy as np
 import pandas as pd
 
 from multitask.data import load_image
-from multitask.engines import Engine, KerasEngine, OnnxEngine, SavedModelEngine
+from multitask.engines import Engine, KerasEngine, LiteRtEngine, OnnxEngine, SavedModelEngine
 from multitask.errors import ConfigError, ExportError
 from multitask.files import read_json, write_json
 from multitask.inference import OOD_SCORE, inference_model, output_names
 from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
-from multitask.settings import ENGINES, EXPORT_CALIBRATION_IMAGES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
+from multitask.settings import ENGINES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
 from multitask.splits import load_split
 
 log = logging.getLogger(__name__)
 
 FORMATS = EXPORT_FORMATS
-ARTIFACTS = {"tf_saved_model": "saved_model", "onnx": "model.onnx", "int8": "model.int8.onnx"}
+ARTIFACTS = {"tf_saved_model": "saved_model", "onnx": "model.onnx", "int8": "model.int8.tflite"}
+EARLIER_ARTIFACTS = ("model.int8.onnx",)  # int8 was ONNX Runtime static QDQ once: such a folder is still ours
 LABELS_FILE = "labels.json"
 EXPORT_FILE = "export.json"
 INPUT_FORMAT = "float32 RGB 0..255, NHWC, shape [N, S, S, 3]"
@@ -53,10 +54,11 @@ TOLERANCE = {
     "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 1e-3},
     "int8": {"max_abs_diff": 0.05, "argmax_agreement": 0.99},
 }
-# Formats exported without ood_score. int8: activations quantised to 8 bits, then whitened (multitask.ood), which
-# amplifies the rounding along the training images' low-variance directions: on the real-sample run the int8
-# ood_score differed from Keras' by up to 7.97 on 32 of its own test images, against a threshold of 10.7. A score that
-# wrong would flag or pass images at random, so int8 predictions carry no ood columns (use onnx or keras for them).
+# Formats exported without ood_score. int8: its activations are rounded to 8 bits, then whitened (multitask.ood),
+# which amplifies the rounding along the training images' low-variance directions: on the real-sample run (256 px)
+# the LiteRT int8 ood_score differed from Keras' by up to 2.3 (median 0.47) on its 87 test images, against a
+# threshold of 8.9, and flagged 4 where Keras flagged 3. A score that loose would flag or pass borderline images at
+# random, so int8 predictions carry no ood columns (use onnx or keras for them).
 WITHOUT_OOD = ("int8",)
 
 
@@ -92,7 +94,7 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 
 def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | os.PathLike | None = None,
-               calibration: int = EXPORT_CALIBRATION_IMAGES, check_images: int = EXPORT_CHECK_IMAGES) -> ExportResult:
+               check_images: int = EXPORT_CHECK_IMAGES) -> ExportResult:
     """Export a run as ``format``, check it against the Keras model on the run's own images, then publish it.
 
     Written into a temporary sibling of ``out`` (default ``RUN/export/<format>/``) and renamed only after the
@@ -102,8 +104,8 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     info = run_dir if isinstance(run_dir, RunInfo) else open_run(run_dir)
     format = _check_format(format)
     out = Path(out).expanduser() if out is not None else export_dir(info, format)
-    if calibration < 1 or check_images < 1:
-        raise ExportError(f"--calibration and --check-images must be positive, got {calibration} and {check_images}")
+    if check_images < 1:
+        raise ExportError(f"--check-images must be positive, got {check_images}")
     _refuse_foreign(out)
     sha = model_sha256(info.model_path)  # before loading: the file the export is known to match
     inference = run_inference_model(info, ood=format not in WITHOUT_OOD)
@@ -112,14 +114,13 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     try:
         artifact = tmp / ARTIFACTS[format]
         writer = {"tf_saved_model": _write_saved_model, "onnx": _write_onnx, "int8": _write_int8}[format]
-        writer(inference, artifact, info=info, calibration=calibration)
+        writer(inference, artifact)
         images, files = check_batch(info, check_images)
         reference = KerasEngine(inference)(images)
         exported = open_engine(artifact, format=format)(images)
         diff, agreement = compare(reference, exported, tasks=info.tasks)
         record = {"format": format, "max_abs_diff": diff, "argmax_agreement": agreement, "model_sha256": sha,
                   "images": len(images), "check_files": files, "tolerance": TOLERANCE[format],
-                  "calibration_images": calibration if format == "int8" else None,
                   "artifact": artifact.name, "versions": _versions(format)}
         _raise_if_failed(record, info=info)
         write_json(labels_record(info, inference), tmp / LABELS_FILE)
@@ -141,7 +142,7 @@ def _refuse_foreign(out: Path) -> None:
         return
     if not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder; choose another --out")
-    ours = {LABELS_FILE, EXPORT_FILE, *ARTIFACTS.values()}
+    ours = {LABELS_FILE, EXPORT_FILE, *ARTIFACTS.values(), *EARLIER_ARTIFACTS}
     found = sorted(entry.name for entry in out.iterdir())
     foreign = [name for name in found if name not in ours]
     if foreign or (found and EXPORT_FILE not in found):
@@ -237,7 +238,7 @@ def _versions(format: str) -> dict[str, str]:
     from importlib import metadata
 
     names = {"tf_saved_model": ("tensorflow", "keras"), "onnx": ("keras", "tf2onnx", "onnx", "onnxruntime"),
-             "int8": ("keras", "tf2onnx", "onnx", "onnxruntime")}
+             "int8": ("tensorflow", "keras", "ai-edge-litert")}
     found = {}
     for name in names[format]:
         try:
@@ -265,60 +266,31 @@ def _write_onnx(inference, artifact: Path, **_) -> None:
     inference.export(str(artifact), format="onnx", verbose=False, input_signature=_image_spec(inference))
 
 
-def _write_int8(inference, artifact: Path, *, info: RunInfo, calibration: int) -> None:
-    """ONNX Runtime post-training static quantisation (QDQ, per-channel int8 weights), calibrated on training images.
+def _write_int8(inference, artifact: Path, **_) -> None:
+    """LiteRT dynamic-range int8: int8 weights (per channel), activations quantised per image at run time.
 
-    ``reduce_range`` (7-bit weights) because CPUs with AVX2 but without VNNI are common: there ONNX Runtime's u8 x
-    s8 kernels add pairs of products into 16-bit sums that saturate, and the full-range model disagreed with Keras
-    on 9% of cancer answers (activations 38% off after the first block). On a CPU with AVX-512 VNNI the full range
-    was no better on the real-sample run (max difference 0.93 / 0.59 against 0.81 / 0.38). 7-bit weights cannot
-    saturate and keep the fast kernel; u8 x u8 also avoids it but was slower than fp32. Measured against OpenVINO +
-    NNCF int8 on the real-sample run: ONNX Runtime was closer to Keras; numbers in the README.
+    Chosen by measurement on the real-sample run (256 px, pretrained, batch 32; README, Export). Static
+    quantisation, whose activation ranges are fixed on calibration images, rounds too coarsely for this model:
+    the pooled features vary little between images (median spread 0.005 around a mean of 0.016) and the heads
+    read those small differences. ONNX Runtime static QDQ (per-channel weights, MinMax or percentile ranges,
+    heads or the last blocks kept in fp32) left the pooled features 8% off (relative L2), which moved
+    probabilities by up to 0.81 (organ) / 0.38 (cancer) on the test split. Ranges measured per image leave
+    them 3% off: 0.05 / 0.08 on the whole test split, and 3x Keras' images/s through XNNPACK. No calibration
+    images are needed, so the export has none to choose.
 
-    On the real-sample run (256 px, pretrained, frozen) this misses its own bar: up to 0.81 (organ) / 0.38
-    (cancer) probability difference on the test split, argmax agreement 98.9%. The rounding is spread over the
-    whole backbone (activations 5% off, relative L2, after the stem; 12-14% by mixed9/10) and the feature
-    standardisation, whose spreads are tiny (most near 0.015), turns that into a ~19% error of the heads' inputs.
-    Keeping the heads, mixed10 or mixed9-10 in fp32, quantising only Conv, or percentile calibration did not
-    close it (README, Export). The self-check then withholds the export rather than publish it.
+    The converter reads the SavedModel that Keras exports (``serving_default``, batch dimension open), so the
+    LiteRT file keeps its named signature: input ``image``, one output per head.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import tensorflow as tf
 
-    fp32, prepared = artifact.with_name("fp32.onnx"), artifact.with_name("prepared.onnx")
-    _write_onnx(inference, fp32)  # the already-folded fp32 graph is the quantiser's input
-    # Folds BatchNorm into convolutions and infers shapes first, as ONNX Runtime's quantisation guide advises.
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    images = calibration_images(info, calibration)
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": images[i: i + 16]} for i in range(0, len(images), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(prepared), str(artifact), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    fp32.unlink()
-    prepared.unlink()
-
-
-def calibration_images(info: RunInfo, n: int, *, seed: int = 0) -> np.ndarray:
-    """``n`` random images of the run's TRAINING split (never the images the export is judged on)."""
-    manifest = load_split(info.split_path, taxonomy=info.taxonomy)
-    train = manifest[manifest["split"] == "train"]
-    if train.empty:
-        raise ExportError(f"{info.split_path} has no train images to calibrate the int8 export with")
-    chosen = train.sample(n=min(n, len(train)), random_state=seed)
-    return load_images(chosen["path"].tolist(), info.image_size)
+    saved = artifact.with_name("saved_model.tmp")
+    _write_saved_model(inference, saved)
+    try:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without a representative dataset: dynamic range
+        artifact.write_bytes(converter.convert())
+    finally:
+        shutil.rmtree(saved, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- engines of a run
@@ -328,6 +300,8 @@ def open_engine(artifact: str | os.PathLike, *, format: str) -> Engine:
     """The engine that runs an exported artifact of ``format``."""
     if format == "tf_saved_model":
         return SavedModelEngine(artifact)
+    if format == "int8":
+        return LiteRtEngine(artifact, name=format)
     return OnnxEngine(artifact, name=format)
 
 
@@ -337,8 +311,9 @@ def is_current(folder: str | os.PathLike, info: RunInfo, *, format: str) -> bool
         record = read_json(Path(folder) / EXPORT_FILE)
     except (OSError, ValueError):
         return False
-    return (record.get("format") == format and record.get("model_sha256") == model_sha256(info.model_path)
-            and (Path(folder) / record.get("artifact", ARTIFACTS[format])).exists())
+    artifact = ARTIFACTS[format]  # an export in an earlier artifact format (EARLIER_ARTIFACTS) is stale
+    return (record.get("format") == format and record.get("artifact") == artifact
+            and record.get("model_sha256") == model_sha256(info.model_path) and (Path(folder) / artifact).exists())
 
 
 def load_engine(run: str | os.PathLike | RunInfo, name: str = "keras", *, model=None,

@@ -32,7 +32,6 @@ MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
 BATCH_SIZE = 32  # prediction and evaluation
 ENGINES = ("keras", "onnx", "int8")  # what runs the inference graph (multitask.engines)
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "int8")
-EXPORT_CALIBRATION_IMAGES = 128  # int8: training images that calibrate the quantisation
 EXPORT_CHECK_IMAGES = 32  # val/test images every export is checked on against Keras
 SERVE_HOST = "127.0.0.1"  # multitask serve: localhost only unless asked (the API has no authentication)
 SERVE_PORT = 8000

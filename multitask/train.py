@@ -93,8 +93,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- the whole run
 
-    def fit(self) -> RunInfo:
-        """Train both phases into the run folder and return the finished run."""
+    def fit(self) -> RunInfo | None:
+        """Train both phases into the run folder and return the finished run (None in a multi-worker run's
+        other workers, which keep nothing)."""
         if self.workers is not None and not worker_role()[1]:
             # The other workers train in step with the chief but keep nothing: their copy of the run (and of the
             # feature cache, unless --cache-dir names one) goes to a temporary folder, removed at the end.
@@ -102,7 +103,7 @@ class Trainer:
                 return self._fit_into(dataclasses.replace(self.config, out=str(Path(scratch) / "run")))
         return self._fit_into(self.config)
 
-    def _fit_into(self, config: TrainConfig) -> RunInfo:
+    def _fit_into(self, config: TrainConfig) -> RunInfo | None:
         with RunDir.open(config) as self.run:
             split = self.split()
             fit_rows = pd.concat([split[split["split"] == s] for s in ("train", "val")]).reset_index(drop=True)
@@ -111,6 +112,12 @@ class Trainer:
             balance = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
             heads = self.train_heads(features, fit_rows, balance)
             tuned = self.fine_tune(split, features, heads, balance) if config.fine_tune_epochs else None
+            if self.workers is not None and not worker_role()[1]:
+                # What follows is the chief's alone and needs no other worker (no collective op): calibration,
+                # the OOD detector and the saved model. Skipping it frees the cores a shared machine gives the
+                # chief (measured in the README, Scaling out).
+                log.info("%s: trained in step with the chief; the chief finishes the run", worker_role()[0])
+                return None
             backbone_changed = tuned is not None and _better(tuned.best, heads.best)
             calibration = self.calibrate(fit_rows, features, backbone_changed=backbone_changed)
             ood = self.fit_ood(split)
@@ -341,8 +348,9 @@ class Trainer:
         return self.run.finish(self.model, record)
 
 
-def train(config: TrainConfig, *, callbacks: Sequence = ()) -> RunInfo:
-    """Train as ``config`` says and write the run folder; returns the finished run (see multitask.rundir)."""
+def train(config: TrainConfig, *, callbacks: Sequence = ()) -> RunInfo | None:
+    """Train as ``config`` says and write the run folder; returns the finished run (see multitask.rundir), or None
+    in a multi-worker run's other workers: they train in step with the chief, whose run it is."""
     return Trainer(config, callbacks=callbacks).fit()
 
 

@@ -18,7 +18,7 @@ Everything runs in one process, on the same machine and the same inputs, with ra
 
 With ``--run RUN`` (a trained run; its weights matter here), two more:
 
-5. Engines: images/s of the run's inference graph at batch 32 under Keras, ONNX Runtime fp32 and int8
+5. Engines: images/s of the run's inference graph at batch 32 under Keras, ONNX Runtime fp32 and LiteRT int8
    (``multitask export``; exported first when missing), timed interleaved in one process, and each export's
    agreement with Keras on the run's test split. Targets: fp32 >= 1.15x with exact agreement; int8 >= 3x,
    argmax agreement >= 99% per head and max probability difference <= 0.05.
@@ -47,6 +47,7 @@ import tensorflow as tf  # noqa: E402
 
 from multitask import data, model, synthetic  # noqa: E402
 from multitask.benchmarking import best_time, images_per_second  # noqa: E402
+from multitask.splits import load_split  # noqa: E402
 
 
 def bench_dual_prediction(image_size: int, batch_size: int, batches: int, repeats: int) -> dict:
@@ -111,7 +112,7 @@ def bench_pipeline(image_size: int, batch_size: int, n_images: int, workdir: Pat
 
 def run_files(info, splits: tuple[str, ...] = ("test", "val", "train")) -> list[str]:
     """The run's image files of ``splits``, in that order."""
-    manifest = data.load_split(info.split_path, taxonomy=info.taxonomy)
+    manifest = load_split(info.split_path, taxonomy=info.taxonomy)
     return [str(p) for split in splits for p in manifest.loc[manifest["split"] == split, "path"]]
 
 
@@ -166,7 +167,7 @@ def unchecked_engine(info, name: str):
     folder = Path(tempfile.mkdtemp(prefix=f"benchmark-{name}-"))
     artifact = folder / export.ARTIFACTS[name]
     writer = {"onnx": export._write_onnx, "int8": export._write_int8}[name]
-    writer(export.run_inference_model(info), artifact, info=info, calibration=export.EXPORT_CALIBRATION_IMAGES)
+    writer(export.run_inference_model(info, ood=name not in export.WITHOUT_OOD), artifact)
     return export.open_engine(artifact, format=name)
 
 
@@ -329,7 +330,7 @@ def format_table(r: dict) -> str:
         g = r["engines"]
         targets = {"keras": "", "onnx": "target >= 1.15x, exact agreement",
                    "int8": "target >= 3x, agreement >= 99%, max diff <= 0.05"}
-        titles = {"keras": "Keras/TF", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8 (static QDQ)"}
+        titles = {"keras": "Keras/TF", "onnx": "ONNX Runtime fp32", "int8": "LiteRT int8 (dynamic range)"}
         for name in ("keras", "onnx", "int8"):
             x = g[name]
             withheld = "" if x.get("passed_self_check", True) else "; fails its self-check, not published"

@@ -1,7 +1,7 @@
 """Wall time of ``multitask train`` in one process vs two ``--strategy multiworker`` workers on this machine.
 
 The same settings as ``tests/test_scale_out.py`` (synthetic demo data, 12 images per subclass, random-init backbone,
-75 px, 4 epochs of the heads, global batch 32), each variant started as fresh processes with an empty feature
+75 px, 8 epochs of the heads, global batch 32), each variant started as fresh processes with an empty feature
 cache, one after the other. Prints the whole command's wall time and the frozen-feature phase (``timings.features``
 in config.json; with two workers, each computes half and an all-reduce joins the halves).
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ["--weights", "none", "--image-size", "75", "--epochs", "4", "--learning-rate", "3e-3", "--patience", "4"]
+SETTINGS = ["--weights", "none", "--image-size", "75", "--epochs", "8", "--learning-rate", "3e-3", "--patience", "8"]
 
 
 def start(args: list[str], out: Path, log: Path, tf_config: dict | None = None) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import IMAGE_SIZE, tiny_run
+from conftest import IMAGE_SIZE
 
 from multitask import cli
 from multitask.predict import Predictor, write_predictions
@@ -31,8 +31,8 @@ from multitask.splits import load_split
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
 CLUSTER_TIMEOUT_S = 300  # a healthy run takes ~1 minute on 2 shared cores; a hung collective never ends
-# The heads on cached features, as the conftest joint run trains them, cut to 4 epochs.
-SETTINGS = {"epochs": 4, "learning_rate": 3e-3, "patience": 4}
+# The settings of the session's joint run (conftest.joint_run), which is the single-process reference.
+SETTINGS = {"epochs": 8, "learning_rate": 3e-3, "patience": 8}
 ACCURACY_TOLERANCE = 0.05
 
 
@@ -80,21 +80,17 @@ def log_tail(logs: Path, lines: int = 15) -> str:
                      for path in sorted(logs.glob("*.log")))
 
 
-def accuracy_on_test_split(run: Path) -> dict[str, float]:
-    """Accuracy per head of ``run``'s model on its test split (the model loaded from the run folder)."""
+def accuracy_on_test_split(predictor: Predictor, run: Path) -> dict[str, float]:
+    """Accuracy per head of ``predictor`` on ``run``'s test split."""
     info = open_run(run)
     test = load_split(info.split_path, taxonomy=info.taxonomy).query("split == 'test'")
-    frame = Predictor.from_run(info).predict_files(test["path"].tolist(), progress=False)
+    frame = predictor.predict_files(test["path"].tolist(), progress=False)
     return {task: float((frame[task].to_numpy() == test[task].to_numpy()).mean()) for task in info.tasks}
 
 
-@pytest.fixture(scope="session")
-def single_process_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
-    """The reference: one process, the same settings and global batch size as the workers."""
-    return tiny_run(tmp_path_factory.mktemp("single") / "run", demo_split_csv, feature_cache, **SETTINGS)
-
-
-def test_multiworker_training_matches_one_process(demo_split_csv, single_process_run, tmp_path):
+def test_multiworker_training_matches_one_process(demo_split_csv, joint_run, joint_predictor, tmp_path):
+    """The reference is the session's joint run: one process, the same settings and global batch size."""
+    single_process_run = joint_run
     outs = [tmp_path / f"worker-{i}" for i in range(WORKERS)]
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
     commands = [[sys.executable, "-m", "multitask.cli", "train", "--strategy", "multiworker", "--split-file",
@@ -118,7 +114,8 @@ def test_multiworker_training_matches_one_process(demo_split_csv, single_process
 
     # The chief's run loads and predicts, about as well as the single-process run (same global batch size).
     assert chief.config["epochs"]["heads"] == reference.config["epochs"]["heads"]
-    accuracy, expected = accuracy_on_test_split(chief.path), accuracy_on_test_split(single_process_run)
+    accuracy = accuracy_on_test_split(Predictor.from_run(chief), chief.path)
+    expected = accuracy_on_test_split(joint_predictor, single_process_run)
     for task, value in expected.items():
         assert value > 0.5, f"the reference run did not learn {task} ({value:.3f}): the comparison would be void"
         assert abs(accuracy[task] - value) <= ACCURACY_TOLERANCE, (task, accuracy[task], value)
@@ -134,12 +131,13 @@ def test_images(demo_split_csv) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def shard_parts(joint_run, test_images, tmp_path_factory) -> list[Path]:
+def shard_parts(joint_run, joint_predictor, test_images, tmp_path_factory) -> list[Path]:
     """predict --shard K/3 for K = 1..3, as three machines would run them (the first through the command, the
-    others through the library with one loaded model, to save loading it again), plus the unsharded run."""
+    others through the library with the session's loaded model, to save loading it again), plus the unsharded
+    run."""
     out = tmp_path_factory.mktemp("shards")
     assert cli.main(["predict", str(joint_run), *test_images, "--shard", "1/3", "--out", str(out / "part-1.csv")]) == 0
-    predictor = Predictor.from_run(joint_run)
+    predictor = joint_predictor
     for k in (2, 3):
         write_predictions(predict_shard(predictor, test_images, Shard(k, 3)), out / f"part-{k}.csv")
     write_predictions(predictor.predict_files(test_images), out / "unsharded.csv")
