@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multitask.errors import ConfigError
 from multitask.settings import ENGINES  # noqa: F401  (the names the engines answer to)
 from multitask.taxonomy import TASKS
 
@@ -94,9 +95,9 @@ class LiteRtEngine(Engine):
     def __init__(self, path: str | os.PathLike, *, name: str = "int8", threads: int | None = None):
         try:
             from ai_edge_litert.interpreter import Interpreter
-        except ImportError as error:
-            raise ImportError("the int8 engine needs LiteRT: pip install 'multitask[export]' "
-                              "(or pip install ai-edge-litert)") from error
+        except ImportError:
+            raise ConfigError("the int8 engine needs LiteRT (ai-edge-litert is missing): "
+                              "pip install 'multitask[export]'") from None
 
         self.name, self.path = name, Path(path)
         interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)

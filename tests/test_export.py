@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,12 @@ def test_export_refuses_a_foreign_folder(run, tmp_path):
         export_run(run, format="onnx", out=out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_int8_engine_without_litert_names_the_package(monkeypatch, tmp_path):
+    from multitask.engines import LiteRtEngine
+    from multitask.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"ai-edge-litert is missing.*multitask\[export\]"):
+        LiteRtEngine(tmp_path / "model.int8.tflite")
