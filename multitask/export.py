@@ -257,16 +257,16 @@ def _image_spec(inference):
     return [tf.TensorSpec((None, *inference.input_shape[1:]), tf.float32, name="image")]
 
 
-def _write_saved_model(inference, artifact: Path, **_) -> None:
+def _write_saved_model(inference, artifact: Path) -> None:
     # Keras' exporter adds the `serving_default` signature TF Serving calls; the batch dimension stays open.
     inference.export(str(artifact), format="tf_saved_model", verbose=False, input_signature=_image_spec(inference))
 
 
-def _write_onnx(inference, artifact: Path, **_) -> None:
+def _write_onnx(inference, artifact: Path) -> None:
     inference.export(str(artifact), format="onnx", verbose=False, input_signature=_image_spec(inference))
 
 
-def _write_int8(inference, artifact: Path, **_) -> None:
+def _write_int8(inference, artifact: Path) -> None:
     """LiteRT dynamic-range int8: int8 weights (per channel), activations quantised per image at run time.
 
     Chosen by measurement on the real-sample run (256 px, pretrained, batch 32; README, Export). Static

@@ -82,6 +82,9 @@ class Trainer:
         self.taxonomy = load_taxonomy(config.taxonomy)
         self.strategy = make_strategy(config.strategy)
         self.workers = Workers.of(self.strategy)  # None unless several processes train together
+        # This process's name in the cluster, and whether it keeps the run (a single process, or the chief).
+        self.role, chief = worker_role()
+        self.keeps_run = self.workers is None or chief
         keras.utils.set_random_seed(config.seed)  # same seed, same random init: the feature cache stays valid
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
             self.model = build_model(config.tasks, config.image_size, config.weights)
@@ -96,10 +99,10 @@ class Trainer:
     def fit(self) -> RunInfo | None:
         """Train both phases into the run folder and return the finished run (None in a multi-worker run's
         other workers, which keep nothing)."""
-        if self.workers is not None and not worker_role()[1]:
+        if not self.keeps_run:
             # The other workers train in step with the chief but keep nothing: their copy of the run (and of the
             # feature cache, unless --cache-dir names one) goes to a temporary folder, removed at the end.
-            with tempfile.TemporaryDirectory(prefix=f"multitask-{worker_role()[0]}-") as scratch:
+            with tempfile.TemporaryDirectory(prefix=f"multitask-{self.role}-") as scratch:
                 return self._fit_into(dataclasses.replace(self.config, out=str(Path(scratch) / "run")))
         return self._fit_into(self.config)
 
@@ -112,11 +115,11 @@ class Trainer:
             balance = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
             heads = self.train_heads(features, fit_rows, balance)
             tuned = self.fine_tune(split, features, heads, balance) if config.fine_tune_epochs else None
-            if self.workers is not None and not worker_role()[1]:
+            if not self.keeps_run:
                 # What follows is the chief's alone and needs no other worker (no collective op): calibration,
                 # the OOD detector and the saved model. Skipping it frees the cores a shared machine gives the
                 # chief (measured in the README, Scaling out).
-                log.info("%s: trained in step with the chief; the chief finishes the run", worker_role()[0])
+                log.info("%s: trained in step with the chief; the chief finishes the run", self.role)
                 return None
             backbone_changed = tuned is not None and _better(tuned.best, heads.best)
             calibration = self.calibrate(fit_rows, features, backbone_changed=backbone_changed)

@@ -108,7 +108,7 @@ def test_an_export_that_fails_its_check_publishes_nothing(run, int8_export, monk
     """A bar no int8 model meets: the export raises, names the numbers, and leaves no folder or temp behind.
     (The writer copies the int8 file already made, to save converting it again.)"""
     monkeypatch.setitem(TOLERANCE, "int8", {"max_abs_diff": 0.0, "argmax_agreement": 1.0})
-    monkeypatch.setattr(export, "_write_int8", lambda inference, artifact, **_: shutil.copyfile(
+    monkeypatch.setattr(export, "_write_int8", lambda inference, artifact: shutil.copyfile(
         int8_export / ARTIFACTS["int8"], artifact))
     out = tmp_path / "int8"
     with pytest.raises(ExportError, match=r"int8 export .* does not reproduce the Keras model .*nothing was written"):
