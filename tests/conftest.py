@@ -22,6 +22,8 @@ PRETRAINED_WEIGHTS = Path(os.environ.get("MULTITASK_PRETRAINED_WEIGHTS", Path.ho
                                          / "inception_v3_pretrained_notop.weights.h5"))
 REAL_IMAGE_SIZE = 160
 IMAGE_SIZE = 75  # InceptionV3's minimum: the cheapest size that exercises the real architecture
+# joint_run's training settings; the multi-worker test trains a cluster with the same ones to compare against it.
+JOINT_SETTINGS = {"epochs": 8, "learning_rate": 3e-3, "patience": 8}
 
 
 def _present(path: Path, what: str) -> Path:
@@ -74,8 +76,7 @@ def tiny_run(out: Path, split_csv: Path, cache: Path, **settings) -> Path:
 @pytest.fixture(scope="session")
 def joint_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
     """A finished joint run at IMAGE_SIZE: the heads trained 8 epochs on demo_data's train split."""
-    return tiny_run(tmp_path_factory.mktemp("joint") / "run", demo_split_csv, feature_cache, epochs=8,
-                    learning_rate=3e-3, patience=8)
+    return tiny_run(tmp_path_factory.mktemp("joint") / "run", demo_split_csv, feature_cache, **JOINT_SETTINGS)
 
 
 @pytest.fixture(scope="session")

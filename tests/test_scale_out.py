@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, JOINT_SETTINGS
 
 from multitask import cli
 from multitask.predict import Predictor, write_predictions
@@ -31,8 +31,6 @@ from multitask.splits import load_split
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
 CLUSTER_TIMEOUT_S = 300  # a healthy run takes ~1 minute on 2 shared cores; a hung collective never ends
-# The settings of the session's joint run (conftest.joint_run), which is the single-process reference.
-SETTINGS = {"epochs": 8, "learning_rate": 3e-3, "patience": 8}
 ACCURACY_TOLERANCE = 0.05
 
 
@@ -92,7 +90,7 @@ def test_multiworker_training_matches_one_process(demo_split_csv, joint_run, joi
     """The reference is the session's joint run: one process, the same settings and global batch size."""
     single_process_run = joint_run
     outs = [tmp_path / f"worker-{i}" for i in range(WORKERS)]
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in JOINT_SETTINGS.items()]
     commands = [[sys.executable, "-m", "multitask.cli", "train", "--strategy", "multiworker", "--split-file",
                  str(demo_split_csv), "--weights", "none", "--image-size", str(IMAGE_SIZE), *flags, "--out", str(out)]
                 for out in outs]
