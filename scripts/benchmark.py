@@ -120,6 +120,7 @@ def bench_engines(run: str, batch_size: int, repeats: int) -> dict:
     """Images/s per engine on one batch (interleaved, best of ``repeats``); agreement with Keras on the test split."""
     from multitask.errors import ExportError
     from multitask.export import load_engine, load_images
+    from multitask.predict import Predictor
     from multitask.rundir import open_run
     from multitask.taxonomy import MALIGNANT
 
@@ -140,8 +141,7 @@ def bench_engines(run: str, batch_size: int, repeats: int) -> dict:
             engine(batch)
             if round:
                 best[name] = min(best[name], time.perf_counter() - start)
-    outputs = {name: {k: np.concatenate([engine(images[i: i + batch_size])[k]
-                                         for i in range(0, len(images), batch_size)]) for k in info.tasks}
+    outputs = {name: Predictor(engine, labels=info.labels).predict_arrays(images, batch_size=batch_size)
                for name, engine in engines.items()}
     malignant = info.labels["cancer"].index(MALIGNANT)
     threshold = info.malignancy_threshold if info.malignancy_threshold is not None else 0.5

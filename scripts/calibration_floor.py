@@ -22,8 +22,8 @@ from scipy.optimize import minimize  # noqa: E402
 from scipy.special import expit, softmax  # noqa: E402
 
 from multitask.calibration import expected_calibration_error, fit_temperature  # noqa: E402
-from multitask.engines import KerasEngine  # noqa: E402
-from multitask.export import load_images, run_inference_model  # noqa: E402
+from multitask.export import load_images  # noqa: E402
+from multitask.predict import Predictor  # noqa: E402
 from multitask.rundir import open_run  # noqa: E402
 from multitask.splits import load_split  # noqa: E402
 
@@ -34,11 +34,10 @@ def raw_log_probs(info, split: str) -> tuple[dict[str, np.ndarray], dict[str, np
     """Uncalibrated log-probabilities per head, and the true class ids, of the run's ``split`` images."""
     manifest = load_split(info.split_path, taxonomy=info.taxonomy)
     rows = manifest[manifest["split"] == split]
-    engine = KerasEngine(run_inference_model(info, calibrated=False, ood=False))
-    images = load_images(rows["path"].tolist(), info.image_size)
-    probs = {t: np.concatenate([engine(images[i: i + 32])[t] for i in range(0, len(images), 32)]) for t in info.tasks}
+    probs = Predictor.from_run(info, calibrated=False).predict_arrays(load_images(rows["path"].tolist(),
+                                                                                  info.image_size))
     labels = {t: rows[f"{t}_id"].to_numpy() for t in info.tasks}
-    return {t: np.log(np.clip(p, 1e-12, 1.0)) for t, p in probs.items()}, labels
+    return {t: np.log(np.clip(probs[t], 1e-12, 1.0)) for t in info.tasks}, labels
 
 
 def platt(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
