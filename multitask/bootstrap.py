@@ -4,7 +4,8 @@
 classification metrics (accuracy, balanced accuracy, per-class recall, ROC-AUC, sensitivity/specificity at a
 threshold) for all resamples at once as weighted sums, because 1,000 calls into scikit-learn per metric take
 minutes on a full test split. :func:`classification_metrics` is the same computation on the data itself.
-Pure numpy: no TensorFlow, no files.
+:func:`proportion_interval` is the exact binomial interval, for proportions on groups too small to resample.
+Pure numpy (and scipy): no TensorFlow, no files.
 """
 
 from __future__ import annotations
@@ -178,3 +179,17 @@ def _weighted_roc_auc(is_positive: np.ndarray, scores: np.ndarray, weights: np.n
         return wins / (positive_weights.sum(axis=1) * negative_weights.sum(axis=1))
 
 
+
+
+def proportion_interval(successes: int, n: int, *, level: float = 0.95) -> list[float] | None:
+    """The exact (Clopper-Pearson) binomial interval ``[lo, hi]`` of ``successes / n``; None when ``n`` is 0.
+
+    For a proportion on a small group (an organ's sensitivity on 9 malignant images) a percentile bootstrap
+    collapses to a point (all 9 found: "1.000 (1.000-1.000)"); the exact interval says how little 9 images show.
+    """
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return [float(interval.low), float(interval.high)]
