@@ -20,7 +20,7 @@ from multitask.errors import DataError
 from multitask.files import save_figure, write_json
 from multitask.grouping import GroupingResult, Keypoints, nearest, search_space, verify_within_blocks, word_histograms
 from multitask.settings import SPLITS, GroupingParams
-from multitask.splits import check_split_table
+from multitask.splits import check_split_table, read_split_csv
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,14 @@ class SplitAudit:
 
 
 def audit_split(frame: pd.DataFrame, *, params: GroupingParams | None = None,
-                cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> SplitAudit:
+                cache_dir: str | os.PathLike | None = None, workers: int | None = None,
+                known: dict[tuple[str, str], int] | None = None) -> SplitAudit:
     """Find near-duplicates across the splits of ``frame`` (``path``, ``split``, optional ``subclass``).
 
     Each image of a later split (val, test) is checked against its ``k`` most similar images of every earlier
-    split (train; train and val), within its subclass when the frame has one.
+    split (train; train and val), within its subclass when the frame has one. ``known`` (pair -> inliers, see
+    :func:`multitask.grouping.verify_within_blocks`) spares verifying pairs checked before with the same settings.
+    The grouped split runs this same audit on itself until it finds nothing (:mod:`multitask.splits`).
     """
     missing = [c for c in ("path", "split") if c not in frame.columns]
     if missing:
@@ -81,7 +84,7 @@ def audit_split(frame: pd.DataFrame, *, params: GroupingParams | None = None,
     names = _split_names(split)
     found = verify_within_blocks(
         frame, lambda keypoints, rows: _cross_split_candidates(keypoints, split[rows], names, params),
-        params=params, cache_dir=cache_dir, workers=workers, label="audit of")
+        params=params, cache_dir=cache_dir, workers=workers, label="audit of", known=known)
     return _audit_from_pairs(paths, split, names, found.pairs, found.inliers, params)
 
 
@@ -122,7 +125,7 @@ def read_split_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} does not exist; pass a CSV with path and split columns")
-    frame = check_split_table(pd.read_csv(path, dtype=str, keep_default_na=False), source=path,
+    frame = check_split_table(read_split_csv(path, dtype=str, keep_default_na=False), source=path,
                               relative_to=path.parent)
     if "subclass" in frame.columns and (frame["subclass"] == "").any():
         frame = frame.drop(columns="subclass")  # partly labelled: compare across the whole set instead

@@ -24,6 +24,8 @@ from multitask.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 
+MAX_AUDIT_ROUNDS = 20  # the grouped split's self-audit; each round joins groups, and one or two rounds are usual
+
 
 
 def split_manifest(
@@ -55,22 +57,61 @@ def split_manifest(
         return out
     out = manifest.copy()
     if groups is None:
-        from multitask.grouping import find_sibling_groups
         from multitask.settings import GroupingParams
 
         min_inliers = GroupingParams.min_inliers if min_inliers is None else min_inliers
-        groups = find_sibling_groups(manifest, params=GroupingParams(min_inliers=min_inliers), cache_dir=cache_dir,
-                                     workers=workers).groups
-    groups = np.asarray(groups)
-    if len(groups) != len(out) or pd.isna(groups).any():
-        raise DataError(f"got {len(groups)} group ids ({int(pd.isna(groups).sum())} missing) for {len(out)} "
-                        "manifest rows; give one id per row")
-    out["split"] = _split_groups(out["subclass"].to_numpy(object), groups, fractions=fractions, seed=seed)
+        groups, split = _audited_grouped_split(manifest, params=GroupingParams(min_inliers=min_inliers),
+                                               fractions=fractions, seed=seed, cache_dir=cache_dir, workers=workers)
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != len(out) or pd.isna(groups).any():
+            raise DataError(f"got {len(groups)} group ids ({int(pd.isna(groups).sum())} missing) for {len(out)} "
+                            "manifest rows; give one id per row")
+        split = _split_groups(out["subclass"].to_numpy(object), groups, fractions=fractions, seed=seed)
+    out["split"] = split
     out["group"] = pd.factorize(groups)[0]
     out["split_method"] = "grouped"
     if min_inliers is not None:
         out["split_min_inliers"] = int(min_inliers)
     return out
+
+
+def _audited_grouped_split(manifest: pd.DataFrame, *, params, fractions: tuple[float, float, float], seed: int,
+                           cache_dir: str | os.PathLike | None, workers: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sibling groups and their split, which ``multitask audit-split`` with the same settings finds clean.
+
+    The grouping proposes each image's ``k`` most similar images of its whole subclass; the audit, each val/test
+    image's ``k`` most similar images of the earlier splits only. A pair can miss the first and make the second:
+    lung_bnt_0020/0021 of the real sample rank 9th and 10th among their 40 lung_bnt images (k = 8), but 0021 is
+    among 0020's 8 nearest train images once the split is made. So the split is audited with the audit's own code
+    (:func:`multitask.audit.audit_split`); a sibling pair it finds across splits joins its two groups and the groups
+    are split again, until the audit finds none. Each round joins groups, so this ends; pairs verified once (by the
+    grouping or an earlier round) are not verified again.
+    """
+    from multitask.audit import audit_split
+    from multitask.grouping import connected_groups, find_sibling_groups
+
+    result = find_sibling_groups(manifest, params=params, cache_dir=cache_dir, workers=workers)
+    known = result.known_inliers()
+    links = result.sibling_pairs[["a", "b"]].to_numpy(np.int64).reshape(-1, 2)
+    groups, subclass = result.groups, manifest["subclass"].to_numpy(object)
+    row_of = {path: row for row, path in enumerate(manifest["path"].astype(str))}
+    for attempt in range(1, MAX_AUDIT_ROUNDS + 1):
+        split = _split_groups(subclass, groups, fractions=fractions, seed=seed)
+        audit = audit_split(manifest.assign(split=split), params=params, cache_dir=cache_dir, workers=workers,
+                            known=known)
+        if audit.pairs.empty:
+            return groups, split
+        found = np.array([[row_of[a], row_of[b]] for a, b in zip(audit.pairs["path_a"], audit.pairs["path_b"],
+                                                                      strict=True)], np.int64)
+        log.info("audit of the grouped split, round %d: %d sibling pair(s) across splits that the grouping's "
+                 "candidates missed (e.g. %s and %s); joining their groups and splitting again", attempt, len(found),
+                 audit.pairs["path_a"].iloc[0], audit.pairs["path_b"].iloc[0])
+        links = np.concatenate([links, found])
+        groups = connected_groups(len(manifest), links)
+    log.warning("the grouped split still has sibling pairs across splits after %d audit rounds; check it with "
+                "`multitask audit-split`", MAX_AUDIT_ROUNDS)
+    return groups, split
 
 
 def _random_split(manifest: pd.DataFrame, *, fractions: tuple[float, float, float], seed: int) -> pd.DataFrame:
@@ -184,12 +225,21 @@ def load_split(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} does not exist; create one with `multitask scan DATA --out {path}`")
-    frame = pd.read_csv(path, dtype={"path": str, "subclass": str, "split": str}, keep_default_na=False)
+    frame = read_split_csv(path, dtype={"path": str, "subclass": str, "split": str}, keep_default_na=False)
     frame = check_split_table(frame, source=path, columns=("path", "subclass", "split"), splits=SPLITS,
                               check_files=check_files)
     extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
     labelled = label_paths(frame, taxonomy or load_taxonomy())
     return pd.concat([labelled, frame[extra].reset_index(drop=True)], axis=1)
+
+
+def read_split_csv(path: Path, **options) -> pd.DataFrame:
+    """``pd.read_csv(path, **options)``; DataError naming the file when it is empty or not a CSV table."""
+    try:
+        return pd.read_csv(path, **options)
+    except (ValueError, UnicodeDecodeError) as exc:  # EmptyDataError and ParserError are ValueErrors
+        raise DataError(f"split file {path} cannot be read as a CSV table ({str(exc).splitlines()[0][:120]}); "
+                        f"make one with `multitask scan DATA --out {path}`") from None
 
 
 def check_split_table(
@@ -215,6 +265,9 @@ def check_split_table(
     if missing:
         raise DataError(f"{source}: missing column(s) {', '.join(missing)}; expected at least {', '.join(columns)} "
                         f"(found {', '.join(map(str, frame.columns)) or 'none'}); is this a split manifest?")
+    if frame.empty:
+        raise DataError(f"{source} lists no images (a header only); make a split with `multitask scan DATA --out "
+                        "FILE`")
     if splits is not None:
         bad = sorted(set(frame["split"]) - set(splits))
         if bad:

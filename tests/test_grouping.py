@@ -14,7 +14,7 @@ from PIL import Image
 
 from multitask import cli
 from multitask import grouping as grouping_module
-from multitask.audit import count_cross_split_pairs, cross_split_counts
+from multitask.audit import audit_split, count_cross_split_pairs, cross_split_counts, read_split_table
 from multitask.data import scan
 from multitask.errors import DataError
 from multitask.grouping import connected_groups, feature_key, find_sibling_groups
@@ -130,6 +130,46 @@ def test_grouped_split_is_deterministic_and_saved(siblings, grouping, tmp_path):
     assert count_cross_split_pairs(grouping, first["split"]) == {"train-val": 0, "train-test": 0, "val-test": 0}
     loaded = load_split(save_split(first, tmp_path / "split.csv"))
     assert loaded["group"].tolist() == first["group"].tolist() and set(loaded["split_method"]) == {"grouped"}
+
+
+def test_inlier_count_is_the_same_in_both_directions(siblings, grouping):
+    """The grouping verifies (a, b) in row order, the audit (earlier split, later split): one count for both. A
+    one-sided ratio test gives different counts (real sample: lung_bnt_0020 -> 0021 22 inliers, 0021 -> 0020 36),
+    which let the grouped split and `audit-split` disagree about a pair."""
+    manifest, _ = siblings
+    params = GroupingParams()
+    keypoints = grouping_module.load_keypoints(manifest["path"].tolist(), params=params, workers=2)
+    pairs = grouping.pairs[["a", "b"]].to_numpy()[:60]
+    one_sided = [(grouping_module._directed_inliers(keypoints[a], keypoints[b], params),
+                  grouping_module._directed_inliers(keypoints[b], keypoints[a], params)) for a, b in pairs]
+    assert any(x != y for x, y in one_sided)  # what the two-sided count has to reconcile
+    for (a, b), (x, y) in zip(pairs, one_sided, strict=True):
+        assert grouping_module.count_inliers(keypoints[a], keypoints[b], params) == max(x, y)
+        assert grouping_module.count_inliers(keypoints[b], keypoints[a], params) == max(x, y)
+
+
+def test_grouped_split_passes_its_own_audit_even_when_the_candidates_miss_siblings(siblings, monkeypatch, tmp_path):
+    """The grouped split audits itself with `audit-split`'s code: here the grouping proposes no pair at all, so
+    only the audit's rounds can join siblings, and the split they leave is clean under the same audit."""
+    manifest, truth = siblings
+    monkeypatch.setattr(grouping_module, "propose_pairs", lambda keypoints, params: np.zeros((0, 2), np.int64))
+    split = split_manifest(manifest, seed=3, cache_dir=tmp_path / "cache", workers=2)
+    monkeypatch.undo()
+    assert split["group"].nunique() < len(manifest)  # the audit joined groups
+    assert (split.groupby("group")["split"].nunique() == 1).all()
+    assert sum(cross_split_counts(planted_pairs(truth), split["split"]).values()) == 0
+    audit = audit_split(split, cache_dir=tmp_path / "cache", workers=2)
+    assert audit.pairs.empty and sum(audit.counts.values()) == 0
+
+
+def test_default_split_of_the_real_sample_passes_its_audit(real_split_csv):
+    """Issue 20: the default grouped split (seed 42) let lung_bnt_0021 (train) / 0020 (val) cross, 36 inliers, which
+    `multitask audit-split` with the same settings found. Now the audit of that split finds nothing."""
+    frame = read_split_table(real_split_csv)
+    audit = audit_split(frame, cache_dir=real_split_csv.parent / "keypoints", workers=2)
+    assert audit.counts == {"train-val": 0, "train-test": 0, "val-test": 0}, audit.pairs.head()
+    pair = frame[frame["path"].str.contains("lung_bnt_002[01]", regex=True)]
+    assert pair["split"].nunique() <= 1
 
 
 def test_grouped_split_of_singletons_meets_the_fractions_overall(demo_data):
