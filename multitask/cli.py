@@ -42,6 +42,7 @@ from multitask.cli_use import (
     run_serve,
 )
 from multitask.errors import MultitaskError, cli_message
+from multitask.startup import quiet_tensorflow
 
 # ----------------------------------------------------------------------------------------------- main
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="multitask",
         description="One InceptionV3 backbone, two heads: organ and benign/malignant from one image.",
     )
-    parser.add_argument("-v", "--verbose", dest="debug", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", dest="debug", action="store_true",
+                        help="debug logging, and TensorFlow's own start-up messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        quiet_tensorflow()  # before anything imports TensorFlow
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

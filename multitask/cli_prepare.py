@@ -85,6 +85,8 @@ def run_scan(args: argparse.Namespace) -> int:
         print(f"dropped {len(report.unreadable)} unreadable file(s):")
         for path, reason in report.unreadable.items():
             print(f"  {path}: {reason}")
+    elif args.verify:
+        print(f"--verify: all {len(manifest)} files decode")
     if args.out:
         split = split_manifest(manifest, fractions=args.fractions, seed=args.seed, method=args.split,
                                min_inliers=args.min_inliers, cache_dir=args.keypoint_cache)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +57,23 @@ def test_building_the_parser_imports_neither_tensorflow_nor_pandas():
             "print(sorted(m for m in ('tensorflow', 'keras', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tensorflow_start_up_messages_are_silenced_unless_verbose(joint_run, demo_data, monkeypatch, tmp_path):
+    """Issue 20: every command printed TensorFlow's C++ start-up lines (oneDNN, CUDA probing, an E-level cuInit
+    error on a machine without a GPU). A real `predict` in its own process prints none of them now."""
+    image = next(demo_data.rglob("*.jpg"))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # conftest sets it for the tests
+    done = subprocess.run([sys.executable, "-m", "multitask.cli", "predict", str(joint_run), str(image)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "predicted 1 of 1 file(s)" in done.stdout, done.stderr[-2000:]
+    noise = [line for line in done.stderr.splitlines()
+             if re.match(r"[IWEF]\d{4} ", line) or "absl::InitializeLog" in line or "cuInit" in line]
+    assert noise == []
+    calls = []
+    monkeypatch.setattr(cli, "quiet_tensorflow", lambda: calls.append(1))
+    assert cli.main(["-v", "scan", str(tmp_path / "nowhere")]) == 2 and calls == []  # -v keeps everything
+    assert cli.main(["scan", str(tmp_path / "nowhere")]) == 2 and calls == [1]
 
 
 def test_library_errors_are_one_line_with_flags(tmp_path, capsys):

@@ -182,6 +182,18 @@ def test_scan_cli_prints_counts_and_writes_split(demo_data, tmp_path, capsys):
     assert set(pd.read_csv(out)["split"]) == {"train", "val", "test"}
 
 
+def test_scan_cli_verify_says_all_files_decode_or_names_the_dropped(tmp_path, capsys):
+    data = generate(tmp_path / "clean", per_class=1, size=64, seed=0)
+    assert cli.main(["scan", str(data), "--verify"]) == 0
+    assert "--verify: all 26 files decode" in capsys.readouterr().out
+    bad = generate(tmp_path / "bad", per_class=1, size=64, seed=0, with_bad_files=True)
+    assert cli.main(["scan", str(bad), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "unreadable file(s)" in printed and "files decode" not in printed
+    assert cli.main(["scan", str(data)]) == 0  # without --verify nothing was decoded: nothing to claim
+    assert "decode" not in capsys.readouterr().out
+
+
 def test_scan_cli_error_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["scan", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
