@@ -9,7 +9,8 @@ and the notebooks share one definition of each quantity.
 - Calibration measures: :func:`expected_calibration_error` (top-label, 15 equal-width bins),
   :func:`reliability_table`, :func:`reliability_figure`, :func:`brier_score`.
 - Operating point: :func:`choose_threshold` (highest threshold reaching a target sensitivity),
-  :func:`sensitivity_specificity`, :func:`choose_thresholds_by_group` (per organ).
+  :func:`sensitivity_specificity`, :func:`organ_thresholds` (one per organ, with the fallback rule
+  :data:`ORGAN_THRESHOLD_RULE`) and :func:`choose_thresholds_by_group` (the same as a table).
 - :func:`format_interval` prints a value with its interval; the intervals themselves are
   :mod:`multitask.bootstrap`'s.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -195,25 +196,57 @@ def sensitivity_specificity(p_positive, is_positive, threshold: float) -> tuple[
     return sensitivity, specificity
 
 
-def choose_thresholds_by_group(p_positive, is_positive, groups, *, target_sensitivity: float = 0.95,
-                               min_per_class: int = 10) -> pd.DataFrame:
-    """Per group (e.g. true organ): ``n_positive``, ``n_negative``, ``threshold`` and ``own`` (False: global).
+MIN_ORGAN_CLASS_IMAGES = 10
+ORGAN_THRESHOLD_RULE = (f"an organ gets its own threshold when its validation images (by true organ) hold at least "
+                        f"{MIN_ORGAN_CLASS_IMAGES} malignant and {MIN_ORGAN_CLASS_IMAGES} benign images; otherwise "
+                        "(fewer, one class only, or none) it uses the global threshold")
 
-    Groups with fewer than ``min_per_class`` positives or negatives get the threshold chosen on all data.
+
+def organ_thresholds(p_positive, is_positive, organs, *, target_sensitivity: float, global_threshold: float,
+                     labels: Sequence[str] | None = None,
+                     min_per_class: int = MIN_ORGAN_CLASS_IMAGES) -> dict[str, dict[str, Any]]:
+    """Per organ: ``{"threshold", "source": "organ" | "global", "n_malignant", "n_benign", "val_sensitivity",
+    "val_specificity"}``, the validation numbers at that threshold on the organ's images (None where undefined).
+
+    ``organs`` names each image's TRUE organ; ``labels`` lists every organ to include (default: those present),
+    so an organ without validation images is listed, on the global threshold. An organ reaches its own threshold
+    (:func:`choose_threshold` on its images alone) only under :data:`ORGAN_THRESHOLD_RULE`.
     """
     scores, truth = _binary(p_positive, is_positive)
-    groups = np.asarray(groups).ravel()
-    overall = choose_threshold(scores, truth, target_sensitivity=target_sensitivity)
-    rows = {}
-    for group in np.unique(groups):
-        member = groups == group
-        n_pos, n_neg = int(truth[member].sum()), int((~truth[member]).sum())
-        own = min(n_pos, n_neg) >= min_per_class
+    organs = np.asarray(organs, dtype=object).ravel()
+    if len(organs) != len(scores):
+        raise ValueError(f"expected one organ per image ({len(scores)}), got {len(organs)}")
+    table = {}
+    for organ in (list(labels) if labels is not None else sorted(set(organs))):
+        member = organs == organ
+        n_malignant, n_benign = int(truth[member].sum()), int((~truth[member]).sum())
+        own = min(n_malignant, n_benign) >= min_per_class
         threshold = (choose_threshold(scores[member], truth[member], target_sensitivity=target_sensitivity)
-                     if own else overall)
-        rows[group.item() if hasattr(group, "item") else group] = {
-            "n_positive": n_pos, "n_negative": n_neg, "threshold": threshold, "own": own}
-    return pd.DataFrame.from_dict(rows, orient="index")
+                     if own else float(global_threshold))
+        sensitivity, specificity = (sensitivity_specificity(scores[member], truth[member], threshold)
+                                    if member.any() else (None, None))
+        table[organ] = {"threshold": threshold, "source": "organ" if own else "global",
+                             "n_malignant": n_malignant, "n_benign": n_benign,
+                             "val_sensitivity": sensitivity, "val_specificity": specificity}
+    return table
+
+
+def choose_thresholds_by_group(p_positive, is_positive, groups, *, target_sensitivity: float = 0.95,
+                               min_per_class: int = MIN_ORGAN_CLASS_IMAGES) -> pd.DataFrame:
+    """Per group (e.g. true organ): ``n_positive``, ``n_negative``, ``threshold`` and ``own`` (False: global).
+
+    Groups with fewer than ``min_per_class`` positives or negatives get the threshold chosen on all data
+    (:func:`organ_thresholds` as a table).
+    """
+    scores, truth = _binary(p_positive, is_positive)
+    overall = choose_threshold(scores, truth, target_sensitivity=target_sensitivity)
+    groups = np.asarray(groups).ravel()
+    table = organ_thresholds(scores, truth, groups, target_sensitivity=target_sensitivity, global_threshold=overall,
+                             labels=[g.item() if hasattr(g, "item") else g for g in np.unique(groups)],
+                             min_per_class=min_per_class)
+    return pd.DataFrame.from_dict({group: {"n_positive": row["n_malignant"], "n_negative": row["n_benign"],
+                                           "threshold": row["threshold"], "own": row["source"] == "organ"}
+                                   for group, row in table.items()}, orient="index")
 
 
 def uncalibrated(probs, temperature: float) -> np.ndarray:
@@ -238,9 +271,10 @@ def format_interval(value: float | None, lo: float | None = None, hi: float | No
 
 
 def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *, tasks: tuple[str, ...],
-                    target_sensitivity: float) -> dict[str, Any]:
+                    target_sensitivity: float, organ_labels: Sequence[str] = ()) -> dict[str, Any]:
     """A run's calibration from its validation logits: a temperature per head and, for the cancer head, the highest
-    malignancy threshold (on calibrated P(Malignant)) whose validation sensitivity reaches ``target_sensitivity``.
+    malignancy threshold (on calibrated P(Malignant)) whose validation sensitivity reaches ``target_sensitivity``,
+    over all images and, for a joint run, per organ (:func:`organ_thresholds`; ``organ_labels`` name the organ ids).
     """
     temperatures = {t: fit_temperature(logits[t], labels[t]) for t in tasks}
     validation: dict[str, Any] = {"images": int(len(next(iter(labels.values()))))}
@@ -248,7 +282,7 @@ def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.nd
         validation[f"{task}_ece_uncalibrated"] = expected_calibration_error(softmax(logits[task]), labels[task])
         validation[f"{task}_ece"] = expected_calibration_error(softmax(logits[task], temperatures[task]),
                                                                labels[task])
-    threshold = None
+    threshold, by_organ = None, None
     if "cancer" in tasks:
         positive = CANCER_LABELS.index(MALIGNANT)
         p_malignant = softmax(logits["cancer"], temperatures["cancer"])[:, positive]
@@ -257,15 +291,28 @@ def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.nd
             threshold = choose_threshold(p_malignant, is_malignant, target_sensitivity=target_sensitivity)
             sensitivity, specificity = sensitivity_specificity(p_malignant, is_malignant, threshold)
             validation.update(sensitivity=sensitivity, specificity=specificity)
+            if "organ" in tasks:
+                organs = np.asarray(organ_labels, dtype=object)[np.asarray(labels["organ"])]
+                by_organ = organ_thresholds(p_malignant, is_malignant, organs, labels=organ_labels,
+                                            global_threshold=threshold, target_sensitivity=target_sensitivity)
         else:
             log.warning("no malignant validation images: the malignancy threshold stays at 0.5")
-    return calibration_record(temperatures, threshold, target_sensitivity, validation)
+    return calibration_record(temperatures, threshold, target_sensitivity, validation, organ_thresholds=by_organ)
 
 
 def calibration_record(temperatures: Mapping[str, float], threshold: float | None, target_sensitivity: float,
-                       validation: Mapping[str, Any]) -> dict[str, Any]:
-    """What config.json stores under "calibration" (read back by :class:`multitask.rundir.RunInfo`)."""
-    return {"method": "temperature scaling per head, fitted on the validation split",
-            "temperatures": {t: float(v) for t, v in temperatures.items()},
-            "malignancy_threshold": None if threshold is None else float(threshold),
-            "target_sensitivity": float(target_sensitivity), "validation": dict(validation)}
+                       validation: Mapping[str, Any], *,
+                       organ_thresholds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What config.json stores under "calibration" (read back by :class:`multitask.rundir.RunInfo`).
+
+    ``malignancy_threshold`` is the global operating point (what older readers use); ``malignancy_thresholds``,
+    when there are per-organ ones, is :func:`organ_thresholds`' table, applied by PREDICTED organ.
+    """
+    record = {"method": "temperature scaling per head, fitted on the validation split",
+              "temperatures": {t: float(v) for t, v in temperatures.items()},
+              "malignancy_threshold": None if threshold is None else float(threshold),
+              "target_sensitivity": float(target_sensitivity), "validation": dict(validation)}
+    if organ_thresholds is not None:
+        record["malignancy_thresholds"] = dict(organ_thresholds)
+        record["organ_threshold_rule"] = ORGAN_THRESHOLD_RULE
+    return record

@@ -58,7 +58,8 @@ def check_config(config: dict[str, Any], *, source: str | os.PathLike) -> None:
     """RunError naming the field, its value and ``source`` unless every field a reader uses has the right type
     and value: format (a whole number, when present), task, tasks (those of task), image_size (a positive whole
     number), labels (exactly the taxonomy's, in order), taxonomy (a valid table), and the optional calibration
-    (positive temperatures, a threshold in 0..1) and ood (a numeric threshold)."""
+    (positive temperatures, a threshold in 0..1, per-organ thresholds in 0..1 keyed by the run's organs) and ood
+    (a numeric threshold)."""
 
     def bad(field: str, expected: str) -> RunError:
         value = json.dumps(config[field])
@@ -91,6 +92,12 @@ def check_config(config: dict[str, Any], *, source: str | os.PathLike) -> None:
             or not _is_number(calibration.get("malignancy_threshold", 0.5), low=0.0, high=1.0)):
         raise bad("calibration", 'null, or {"temperatures": {task: a positive number}, "malignancy_threshold": a '
                                  "number from 0 to 1 or null}")
+    organ_table = calibration.get("malignancy_thresholds") or {}
+    if (not isinstance(organ_table, dict) or not set(organ_table) <= set(labels.get("organ", organ_table))
+            or not all(isinstance(row, dict) and row.get("threshold") is not None
+                       and _is_number(row["threshold"], low=0.0, high=1.0) for row in organ_table.values())):
+        raise bad("calibration", '{"malignancy_thresholds": {organ label: {"threshold": a number from 0 to 1, ...}}} '
+                                 "naming the run's organs")
     ood = config.get("ood") or {}
     if not isinstance(ood, dict) or not _is_number(ood.get("threshold", 0.0)):
         raise bad("ood", 'null, or {"threshold": a number or null}')

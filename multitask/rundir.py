@@ -135,6 +135,14 @@ class RunInfo:
         return None if value is None else float(value)
 
     @property
+    def organ_thresholds(self) -> dict[str, dict[str, Any]]:
+        """Per organ, its operating point ``{"threshold", "source": "organ" | "global", "n_malignant", "n_benign",
+        "val_sensitivity", ...}`` (applied by PREDICTED organ); empty for a run without them (older runs, a
+        single-task run, no malignant validation images): those decide with :attr:`malignancy_threshold`."""
+        table = self.calibration.get("malignancy_thresholds") or {}
+        return {organ: dict(row) for organ, row in table.items()} if "organ" in self.tasks else {}
+
+    @property
     def ood_path(self) -> Path:
         return self.path / OOD_FILE
 

@@ -274,8 +274,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- calibration
 
     def calibrate(self, fit_rows: pd.DataFrame, features: Features, *, backbone_changed: bool) -> dict[str, Any]:
-        """Per-head temperatures and the malignancy threshold, fitted on the validation images (see
-        :mod:`multitask.calibration`); without validation images, temperature 1 and threshold 0.5, with a warning."""
+        """Per-head temperatures and the malignancy thresholds (global and per organ), fitted on the validation images
+        (see :mod:`multitask.calibration`); without validation images, temperature 1 and threshold 0.5, with a
+        warning."""
         is_val = (fit_rows["split"].to_numpy() == "val")[features.rows]
         tasks = self.config.tasks
         if not is_val.any():
@@ -289,7 +290,8 @@ class Trainer:
             # A direct call, not predict(): under a multi-worker strategy that would split the rows among workers.
             logits = {t: np.asarray(v) for t, v in self.parts.heads(features.values[is_val], training=False).items()}
         labels = {t: fit_rows[f"{t}_id"].to_numpy()[rows] for t in tasks}
-        return fit_calibration(logits, labels, tasks=tasks, target_sensitivity=self.config.target_sensitivity)
+        return fit_calibration(logits, labels, tasks=tasks, target_sensitivity=self.config.target_sensitivity,
+                               organ_labels=self.taxonomy.labels("organ") if "organ" in tasks else ())
 
     def _logits_of(self, paths: list[str]) -> dict[str, np.ndarray]:
         """The model's logits for image files (all known to decode)."""
