@@ -204,6 +204,9 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from multitask.errors import ConfigError
+    from multitask.extras import require_extra
+
+    require_extra("serve")  # before anything loads: the model, or an onnx export made first
 
     try:
         import uvicorn

@@ -26,6 +26,12 @@ def _umask() -> int:
     return mask
 
 
+def give_default_mode(folder: str | os.PathLike) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (owner-only, 0700) the mode ``mkdir`` would: 0777 less the umask,
+    before it is published under its final name."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
 def _split_suffixes(name: str) -> tuple[str, str]:
     """("latest", ".weights.h5") for "latest.weights.h5": Keras checks the whole suffix of what it writes."""
     stem, dot, rest = name.partition(".")

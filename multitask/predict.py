@@ -121,11 +121,12 @@ class Predictor:
         (keras, onnx, int8: the latter two are exported on first use) and its own operating point, unless
         ``threshold`` overrides it. ``calibrated=False`` shows the raw softmax (keras engine only), judged at 0.5
         unless ``threshold`` is given: the run's threshold was chosen on calibrated probabilities."""
-        from multitask.export import load_engine
+        from multitask.export import load_engine, require_engine_extras
 
         info = run if isinstance(run, RunInfo) else open_run(run)
         if not calibrated and engine != "keras":
             raise ConfigError(f"$uncalibrated needs the keras engine: the {engine} export holds the calibrated graph")
+        require_engine_extras(info, engine)  # a missing package is named before the model loads
         model = info.load_model()
         runtime = load_engine(info, engine, model=model, calibrated=calibrated)
         if set(runtime.tasks) != set(info.tasks):

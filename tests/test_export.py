@@ -204,3 +204,34 @@ def test_int8_engine_without_litert_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"ai-edge-litert is missing.*multitask\[export\]"):
         LiteRtEngine(tmp_path / "model.int8.tflite")
+
+
+def test_a_failed_check_says_what_to_do_without_a_dict(run):
+    """Issue 20: at 160 px int8 was refused with a Python dict and "check the package versions"; now the message
+    is readable and names the format to use instead."""
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(path=Path("runs/rs160"), image_size=160)
+    record = {"format": "int8", "max_abs_diff": {"organ": 0.004, "cancer": 0.062},
+              "argmax_agreement": {"organ": 1.0, "cancer": 1.0}, "images": 32, "tolerance": TOLERANCE["int8"],
+              "versions": {"tensorflow": "2.21.0"}}
+    with pytest.raises(ExportError) as failed:
+        export._raise_if_failed(record, info=info)
+    message = str(failed.value)
+    assert "{" not in message and "cancer 0.062" in message and "organ 0.004" not in message
+    assert "max |difference| 0.05 per head, argmax agreement >= 99%" in message
+    assert "at 160 px" in message and "--format onnx" in message and "package versions" not in message
+    onnx_record = {**record, "format": "onnx", "tolerance": TOLERANCE["onnx"]}
+    with pytest.raises(ExportError, match=r"converter is at fault \(tensorflow 2\.21\.0\)"):
+        export._raise_if_failed(onnx_record, info=info)
+
+
+def test_export_folder_has_the_mode_mkdir_gives(exports):
+    """Not mkdtemp's owner-only 0700 (issue 20): 0777 less the umask, like any folder the user makes."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in exports.values():
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
