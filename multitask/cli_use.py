@@ -104,7 +104,9 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.explain:
             frame = predictor.write_explanations(frame, args.explain)
             print(f"wrote Grad-CAM overlays to {args.explain}")
-        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_")) or c == "malignancy_threshold"]
+        per_row = bool(predictor.organ_thresholds)  # the threshold differs by predicted organ: show it per row
+        hidden = [c for c in frame.columns if c.startswith(("p_", "explain_"))
+                  or (c in ("malignancy_threshold", "threshold_source") and not per_row)]
         shown = frame.drop(columns=hidden).round(3).fillna("")
         if not args.out:
             print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
@@ -117,6 +119,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if "cancer" in predictor.tasks:
         print(f"Malignant when P(Malignant) >= {predictor.threshold:.3f}"
               + (" (--threshold)" if args.threshold is not None else " (the run's operating point)"))
+        if predictor.organ_thresholds:
+            print("  except where the predicted organ has its own threshold (column threshold_source = organ): "
+                  + ", ".join(f"{organ} {t:.3f}" for organ, t in predictor.organ_thresholds.items()))
     if args.out:
         print(f"wrote {write_predictions(frame, args.out)}")
     return 0

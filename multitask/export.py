@@ -5,7 +5,7 @@ Every format holds the run's **inference graph** (:func:`multitask.inference.inf
 graph), one output per head holding PROBABILITIES (the run's temperatures folded in), and ``ood_score`` when the
 run has an out-of-distribution detector (not in int8: see ``WITHOUT_OOD``). Beside each artifact::
 
-    labels.json   labels per head, malignancy threshold, image size, input format, output names
+    labels.json   labels per head, malignancy thresholds (global and per organ), image size, input format, outputs
     export.json   the self-check: max |probability difference| and argmax agreement per head against the Keras
                   model on the run's own val/test images, and the sha256 of model.keras (a stale export is redone)
 
@@ -226,6 +226,8 @@ def labels_record(info: RunInfo, inference) -> dict:
         "organ_labels": list(info.labels.get("organ", [])),
         "cancer_labels": list(info.labels.get("cancer", [])),
         "malignancy_threshold": info.malignancy_threshold,
+        "malignancy_thresholds": {organ: {"threshold": row["threshold"], "source": row["source"]}
+                                  for organ, row in info.organ_thresholds.items()},
         "ood_threshold": info.ood_threshold if OOD_SCORE in output_names(inference) else None,
         "image_size": info.image_size,
         "input_name": "image",
@@ -233,7 +235,8 @@ def labels_record(info: RunInfo, inference) -> dict:
         "output_names": list(output_names(inference)),
         "outputs": "probabilities per head (softmax of logits / temperature); ood_score: higher is more unlike the "
                    "training images, flagged above ood_threshold; Malignant when P(Malignant) >= "
-                   "malignancy_threshold",
+                   "malignancy_thresholds[predicted organ].threshold (the organ's own, or the global one where it "
+                   "had too few validation images), or >= malignancy_threshold where that table is empty",
     }
 
 

@@ -2,12 +2,16 @@
 
 The output is a DataFrame with one row per input file, in input order::
 
-    path, organ, organ_prob, cancer, cancer_prob, malignancy_threshold, ood_score, ood, note,
+    path, organ, organ_prob, cancer, cancer_prob, malignancy_threshold, threshold_source, ood_score, ood, note,
     p_organ_<Label>..., p_cancer_<Label>..., error
 
 ``organ`` is the most probable organ and ``organ_prob`` its probability. ``cancer`` is Malignant when
-P(Malignant) >= ``malignancy_threshold`` (the run's operating point, chosen on validation for a target
-sensitivity; 0.5 for a run without one), and ``cancer_prob`` is the probability of that answer. ``p_<task>_<Label>``
+P(Malignant) >= ``malignancy_threshold``, the operating point that applied to that row, chosen on validation
+for a target sensitivity; ``threshold_source`` says which: ``organ`` (the PREDICTED organ's own threshold),
+``global`` (the run's threshold over all organs: a single-task run, an organ with too few validation images, a
+run older than per-organ thresholds), ``given`` (``threshold=``, i.e. ``--threshold``, overrides all) or
+``default`` (0.5: a run without an operating point, or uncalibrated probabilities). ``cancer_prob`` is the
+probability of the answer. ``p_<task>_<Label>``
 are every class's probabilities (each task's sum to 1). Probabilities are calibrated (temperature-scaled per head)
 unless the predictor was made with ``calibrated=False``. ``ood_score`` says how unlike the training images the
 input is, and ``ood`` whether it exceeds the run's threshold; with ``reject_ood`` such rows get no ``organ`` or
@@ -30,7 +34,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +103,8 @@ class Predictor:
     """A run's inference engine plus its labels, operating point and input size: image files in, a table out."""
 
     def __init__(self, engine: Engine, *, labels: dict[str, Sequence[str]], threshold: float | None = None,
-                 ood_threshold: float | None = None, model=None):
+                 ood_threshold: float | None = None, model=None, organ_thresholds: Mapping[str, float] | None = None,
+                 threshold_source: str | None = None):
         self.engine = engine
         self.tasks = engine.tasks
         missing = [t for t in self.tasks if t not in labels]
@@ -110,6 +115,12 @@ class Predictor:
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         if not 0 <= self.threshold <= 1:
             raise ConfigError(f"$threshold must be a probability between 0 and 1, got {threshold}")
+        # Where self.threshold comes from; organ_thresholds (predicted organ -> threshold) take precedence over it.
+        self.threshold_source = threshold_source or ("default" if threshold is None else "global")
+        self.organ_thresholds = ({organ: float(t) for organ, t in (organ_thresholds or {}).items()}
+                                 if "organ" in self.tasks else {})
+        if not all(0 <= t <= 1 for t in self.organ_thresholds.values()):
+            raise RunError(f"per-organ malignancy thresholds must lie in 0..1, got {self.organ_thresholds}")
         self.ood_threshold = ood_threshold if OOD_SCORE in engine.output_names else None
         self.model = model  # the run's Keras model, for Grad-CAM
         self._gradcam = None  # built on first use: most predictions need no gradients
@@ -119,8 +130,9 @@ class Predictor:
                  threshold: float | None = None) -> Predictor:
         """Load a finished run (``rundir.open_run`` says what is missing if it is not one) with its ``engine``
         (keras, onnx, int8: the latter two are exported on first use) and its own operating point, unless
-        ``threshold`` overrides it. ``calibrated=False`` shows the raw softmax (keras engine only), judged at 0.5
-        unless ``threshold`` is given: the run's threshold was chosen on calibrated probabilities."""
+        ``threshold`` overrides it (and the per-organ ones). ``calibrated=False`` shows the raw softmax (keras engine
+        only), judged at 0.5 unless ``threshold`` is given: the run's threshold was chosen on calibrated
+        probabilities."""
         from multitask.export import load_engine, require_engine_extras
 
         info = run if isinstance(run, RunInfo) else open_run(run)
@@ -131,9 +143,21 @@ class Predictor:
         runtime = load_engine(info, engine, model=model, calibrated=calibrated)
         if set(runtime.tasks) != set(info.tasks):
             raise RunError(f"{info.model_path} predicts {runtime.tasks} but {info.path} says {info.tasks}")
-        if threshold is None and calibrated:
-            threshold = info.malignancy_threshold
-        return cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold, model=model)
+        source, organ_thresholds = "given" if threshold is not None else "default", {}
+        if threshold is None and calibrated and info.malignancy_threshold is not None:
+            threshold, source = info.malignancy_threshold, "global"
+            organ_thresholds = {organ: row["threshold"] for organ, row in info.organ_thresholds.items()
+                                if row.get("source") == "organ"}
+        return cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold, model=model,
+                   organ_thresholds=organ_thresholds, threshold_source=source)
+
+    def thresholds_for(self, organs: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Per image, the malignancy threshold to decide with and its ``threshold_source``: the predicted organ's
+        own threshold ("organ") where it has one, else :attr:`threshold` (its source: global, given or default)."""
+        own = [self.organ_thresholds.get(organ) if isinstance(organ, str) else None for organ in organs]
+        threshold = np.array([self.threshold if t is None else t for t in own], np.float64)
+        source = np.array([self.threshold_source if t is None else "organ" for t in own], object)
+        return threshold, source
 
     def predict_arrays(self, images, *, batch_size: int = BATCH_SIZE) -> dict[str, np.ndarray]:
         """The engine's outputs (probabilities per task, ``ood_score``) for in-memory RGB images (N, H, W, 3) in
@@ -221,10 +245,11 @@ class Predictor:
         if "cancer" in self.tasks:
             malignant = self.labels["cancer"].index(MALIGNANT)
             p_malignant = probs["cancer"][:, malignant]
-            decision = np.where(p_malignant >= self.threshold, malignant, 1 - malignant)
+            threshold, source = self.thresholds_for(columns.get("organ", [None] * n))  # the PREDICTED organ's
+            decision = np.where(p_malignant >= threshold, malignant, 1 - malignant)
             columns["cancer"] = np.where(done, np.asarray(self.labels["cancer"], object)[decision], None)
             columns["cancer_prob"] = np.where(decision == malignant, p_malignant, 1 - p_malignant)
-            columns["malignancy_threshold"] = self.threshold
+            columns["malignancy_threshold"], columns["threshold_source"] = threshold, source
         note = np.full(n, None, object)
         if self.ood_threshold is not None:
             score = outputs[OOD_SCORE] if outputs.get(OOD_SCORE) is not None else np.full(n, np.nan)

@@ -122,6 +122,10 @@ def test_labels_json_says_what_a_client_needs(exports, run):
     assert labels["organ_labels"] == list(info.labels["organ"])
     assert labels["cancer_labels"] == list(info.labels["cancer"])
     assert labels["malignancy_threshold"] == info.malignancy_threshold
+    # the per-organ operating points, by organ (the tiny run's organs all fall back to the global one)
+    assert labels["malignancy_thresholds"] == {organ: {"threshold": row["threshold"], "source": row["source"]}
+                                               for organ, row in info.organ_thresholds.items()}
+    assert list(labels["malignancy_thresholds"]) == labels["organ_labels"]
     assert labels["image_size"] == info.image_size == 75
     assert "float32" in labels["input_format"] and "0..255" in labels["input_format"]
 

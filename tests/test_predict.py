@@ -19,7 +19,8 @@ from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 
 JOINT_COLUMNS = (
-    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note"]
+    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "threshold_source", "ood_score",
+     "ood", "note"]
     + [f"p_organ_{label}" for label in ORGAN_LABELS]
     + ["p_cancer_Benign", "p_cancer_Malignant", "error"]
 )
@@ -109,8 +110,9 @@ def test_single_task_run_has_only_its_columns(cancer_run, mixed_folder, tmp_path
     out = tmp_path / "p.json"
     assert cli.main(["predict", str(cancer_run), str(next(mixed_folder.rglob("all_benign"))), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "ood_score", "ood", "note",
-                                "p_cancer_Benign", "p_cancer_Malignant", "error"]
+    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "threshold_source",
+                                "ood_score", "ood", "note", "p_cancer_Benign", "p_cancer_Malignant", "error"]
+    assert records[0]["threshold_source"] == "global"  # no organ head: the run's global operating point
     empty = next(r for r in records if r["path"].endswith(BAD_FILE_NAMES["empty"]))
     assert empty["cancer"] is None and empty["cancer_prob"] is None and "empty" in empty["error"]
     assert "\\/" not in out.read_text()
@@ -202,9 +204,10 @@ def test_threshold_override_and_uncalibrated_probabilities(joint_run, predictor,
     calibrated = predictor.predict_files(files)
     lenient = Predictor.from_run(joint_run, threshold=0.0).predict_files(files)
     assert (lenient["cancer"] == "Malignant").all() and (lenient["malignancy_threshold"] == 0.0).all()
+    assert (lenient["threshold_source"] == "given").all()
     pd.testing.assert_frame_equal(lenient.filter(like="p_"), calibrated.filter(like="p_"))
     raw = Predictor.from_run(joint_run, calibrated=False).predict_files(files)
-    assert (raw["malignancy_threshold"] == 0.5).all()
+    assert (raw["malignancy_threshold"] == 0.5).all() and (raw["threshold_source"] == "default").all()
     model = keras.models.load_model(joint_run / "model.keras")
     logits = model.predict(np.stack([load_image(f, 75).numpy() for f in files]), verbose=0)
     expected = keras.ops.convert_to_numpy(keras.ops.softmax(logits["organ"]))

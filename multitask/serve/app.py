@@ -9,11 +9,12 @@ Routes::
     GET  /          the page (static/index.html: one file, no build step, nothing fetched from elsewhere)
 
 An answer is ``{"file", "error": null, "organ", "organ_prob", "organ_probabilities": {label: p}, "cancer",
-"cancer_prob", "malignant_prob", "cancer_probabilities", "malignancy_threshold", "ood", "ood_score", "note"}``
-(the columns of :meth:`multitask.predict.Predictor.table`; a single-task run has its own task's keys only, a run
-without an out-of-distribution detector no ``ood`` keys). A file that is not a readable image gets ``{"file",
-"error": why}`` and never fails the others; when no file of a request can be read the status is 422. A file
-over the upload limit is answered with 413, a request that is not a multipart upload with 400. Error bodies are
+"cancer_prob", "malignant_prob", "cancer_probabilities", "malignancy_threshold", "threshold_source", "ood",
+"ood_score", "note"}`` (the columns of :meth:`multitask.predict.Predictor.table`: the threshold that decided this
+file, its predicted organ's own one or the run's global one, and which; a single-task run has its own task's keys
+only, a run without an out-of-distribution detector no ``ood`` keys). A file that is not a readable image gets
+``{"file", "error": why}`` and never fails the others; when no file of a request can be read the status is 422. A
+file over the upload limit is answered with 413, a request that is not a multipart upload with 400. Error bodies are
 ``{"detail": message}``: the message a person can act on, never a stack trace (those go to the server's log).
 """
 
@@ -107,6 +108,7 @@ class Service:
             if task == "cancer":
                 record["malignant_prob"] = _number(row[probability_column("cancer", MALIGNANT)])
                 record["malignancy_threshold"] = _number(row["malignancy_threshold"])
+                record["threshold_source"] = row["threshold_source"]
             record[f"{task}_probabilities"] = {label: _number(row[probability_column(task, label)])
                                                for label in self.predictor.labels[task]}
         if "ood" in row:
