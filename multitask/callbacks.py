@@ -88,6 +88,14 @@ class BestWeights(keras.callbacks.Callback):
             write_json({"epoch": epoch, "value": self.best}, self.record)
 
 
+class HistoryCsv(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger with epochs counted from 1, as people count them: row k of history.csv is the k-th epoch run,
+    the number config.json's ``saved.epoch``, the CLI and history.png use (Keras' own epoch index is k - 1)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Raises TrainingError as soon as a batch's loss is NaN or infinite: such a model is never saved."""
 

@@ -204,7 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
     for task in info.tasks:
         print(f"  {task:<12} val accuracy {final.get(f'val_{task}_accuracy', float('nan')):.3f}, "
               f"val loss {final.get(f'val_{task}_loss', float('nan')):.3f} (the saved model: {saved['phase']} "
-              f"epoch {saved['epoch'] + 1 if saved['epoch'] is not None else '?'})")
+              f"epoch {saved['epoch'] if saved['epoch'] is not None else '?'})")
     print(f"  {'seconds':<12} " + ", ".join(f"{k} {v:.1f}" for k, v in info.config["timings"].items()))
     return 0
 

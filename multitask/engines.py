@@ -90,17 +90,29 @@ class LiteRtEngine(Engine):
     The interpreter comes from ``ai-edge-litert`` (TensorFlow's own ``tf.lite.Interpreter`` is deprecated); its
     XNNPACK delegate runs the int8 kernels. Not thread-safe: one engine per thread, as the server and
     ``Predictor`` use it.
+
+    ``kernels`` (default: the ``MULTITASK_LITERT_KERNELS`` environment variable, else ``xnnpack``) picks the op
+    resolver: ``xnnpack`` (LiteRT's default: XNNPACK delegate, whose int8 kernels differ between CPU instruction
+    sets), ``builtin`` (LiteRT's optimised kernels, no delegate) or ``reference`` (LiteRT's plain reference
+    kernels: slow, the same on every CPU). The numerics tests run under each to show the spread.
     """
 
-    def __init__(self, path: str | os.PathLike, *, name: str = "int8", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, name: str = "int8", threads: int | None = None,
+                 kernels: str | None = None):
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError:
             raise ConfigError("the int8 engine needs LiteRT (ai-edge-litert is missing): "
                               "pip install 'multitask[export]'") from None
 
-        self.name, self.path = name, Path(path)
-        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        kernels = kernels or os.environ.get("MULTITASK_LITERT_KERNELS") or "xnnpack"
+        resolvers = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                     "reference": OpResolverType.BUILTIN_REF}
+        if kernels not in resolvers:
+            raise ConfigError(f"MULTITASK_LITERT_KERNELS must be one of {', '.join(resolvers)}, got {kernels!r}")
+        self.name, self.path, self.kernels = name, Path(path), kernels
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1,
+                                  experimental_op_resolver_type=resolvers[kernels])
         self.runner = interpreter.get_signature_runner("serving_default")
         (detail,) = self.runner.get_input_details().values()
         self.image_size = int(detail["shape_signature"][1])

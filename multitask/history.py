@@ -46,7 +46,7 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike, *, tasks: Seque
         rows.append(("weight", "learned weight exp(-s)"))
     fig = Figure(figsize=(4.5 * len(tasks), 3.2 * len(rows)))
     axes = fig.subplots(len(rows), len(tasks), squeeze=False)
-    epochs = history["epoch"] + 1
+    epochs = history["epoch"]  # counted from 1 already (multitask.callbacks.HistoryCsv)
     for col, task in enumerate(tasks):
         for row, (metric, label) in enumerate(rows):
             ax = axes[row][col]

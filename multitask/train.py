@@ -245,13 +245,15 @@ class Trainer:
         with self.strategy.scope():
             resumed = backup.restore(trainer) if self.workers is None else None
         first = initial_epoch if resumed is None else resumed
-        _drop_epochs_from(history_path, first)  # an epoch that is run again replaces its earlier row
+        # An epoch that is run again replaces its earlier row; history.csv counts epochs from 1 (HistoryCsv), so
+        # Keras' epoch index `first` is row first + 1.
+        _drop_epochs_from(history_path, first + 1)
         callbacks = [
             handlers.StopOnNonFiniteLoss(learning_rate),
             handlers.LogWeighting(self.weighting),
             handlers.BestWeights(best_path, monitor=monitor, before_epoch=first),
             keras.callbacks.EarlyStopping(monitor=monitor, mode="min", patience=self.config.patience),
-            keras.callbacks.CSVLogger(history_path, append=True),
+            handlers.HistoryCsv(history_path, append=True),
             *([keras.callbacks.TensorBoard(self.run.path / TENSORBOARD_DIR, write_graph=False)]
               if _have_tensorboard() else []),
             backup,  # last of ours: an epoch counts as done only once everything above has seen it
@@ -265,8 +267,8 @@ class Trainer:
         if best_path.is_file():
             trainer.load_weights(best_path)
         history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame({"epoch": []})
-        best = best_epoch(history, monitor, since=initial_epoch)
-        end = int(history["epoch"].max()) + 1 if len(history) else initial_epoch
+        best = best_epoch(history, monitor, since=initial_epoch + 1)  # this phase's rows, counted from 1
+        end = int(history["epoch"].max()) if len(history) else initial_epoch  # epochs done so far
         return PhaseResult(end=max(end, initial_epoch), best=None if best is None else float(best[monitor]),
                            best_epoch=None if best is None else int(best["epoch"]),
                            seconds=time.perf_counter() - start, weighting=self.weighting.values())

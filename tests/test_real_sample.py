@@ -1,20 +1,28 @@
-"""Real images, pretrained backbone: the path users take with ``--weights imagenet`` (issue 10).
+"""Real images, pretrained backbone: the path users take with ``--weights imagenet`` (issues 10, 19, 22).
 
-The shared real sample (~590 real images: brain MRI, lung and colon histology, blood smears, cervical cells,
-kidney CT, lymphoma) is trained on at 160 px with the offline-built pretrained weights and evaluated on its own
-grouped test split. Both exist only beside the developers' checkout: in users' clones these tests skip, saying
-which of the two is missing (see tests/conftest.py).
+The shared real sample (818 real images of all 9 organs: brain MRI, lung, colon, breast, oral and lymphoma
+histology, blood smears, cervical cells, kidney CT) is trained on with the offline-built pretrained weights and
+evaluated on its own grouped test split (seed 42). Two session runs serve every test here: frozen at 160 px
+(``real_run``) and the default recipe (``real_default_run``). Both exist only beside the developers' checkout: in
+users' clones these tests skip, saying which of the two is missing (see tests/conftest.py).
+
+The bars come from ``scripts/sweep_defaults.py`` over grouped splits of seeds 42 and 7 (README "Training"): each is
+the lowest value measured over the seeds, less a margin of about two test images (the test split has ~125 images,
+so one image moves accuracy by 0.008), so they hold across CPUs, whose float rounding moves training a little.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from multitask.evaluate import evaluate_run
+from multitask.export import ARTIFACTS, EXPORT_FILE, TOLERANCE, export_dir, export_run
+from multitask.files import read_json
+from multitask.predict import Predictor
 from multitask.rundir import HISTORY_FILE, open_run
-from multitask.settings import TrainConfig
-from multitask.train import train
+from multitask.splits import load_split
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +30,21 @@ def frozen(real_run, tmp_path_factory) -> dict:
     return evaluate_run(real_run, split="test", out=tmp_path_factory.mktemp("real-eval"), resamples=200)
 
 
+@pytest.fixture(scope="module")
+def default(real_default_run, tmp_path_factory) -> dict:
+    return evaluate_run(real_default_run, split="test", out=tmp_path_factory.mktemp("default-eval"), resamples=200)
+
+
+def validation(run, tmp_path) -> dict:
+    return evaluate_run(run, split="val", out=tmp_path / open_run(run).path.parent.name, resamples=50)
+
+
 def test_frozen_pretrained_training_learns_real_images(real_run, frozen):
-    assert frozen["organ"]["accuracy"] >= 0.97
-    assert frozen["cancer"]["roc_auc"] >= 0.88
+    # Measured frozen at 160 px, test split: organ accuracy 0.933 / 0.914, balanced 0.919 / 0.90, cancer ROC-AUC
+    # 0.829 / 0.87 (seeds 42 / 7).
+    assert frozen["organ"]["accuracy"] >= 0.88
+    assert frozen["organ"]["balanced_accuracy"] >= 0.85
+    assert frozen["cancer"]["roc_auc"] >= 0.78
     config = open_run(real_run).config
     # The constant pretrained features no longer explode on validation (it was 4-5.5, and 145-200 before).
     assert config["best"]["heads"] < 1.0
@@ -33,21 +53,49 @@ def test_frozen_pretrained_training_learns_real_images(real_run, frozen):
     assert history["val_loss"].min() < 1.0 and history["val_loss"].max() < 5  # sane from the first epoch
 
 
-def test_fine_tuning_is_not_worse_and_config_describes_the_saved_model(real_run, real_split_csv, frozen,
-                                                                       pretrained_weights, tmp_path):
-    info = open_run(real_run)
-    settings = info.config["settings"]
-    config = TrainConfig(out=str(tmp_path / "tuned"), split_file=str(real_split_csv), weights=str(pretrained_weights),
-                         image_size=info.image_size, cache_dir=settings["cache_dir"], fine_tune_epochs=2, verbose=0)
-    tuned = train(config)
-    saved = tuned.config["saved"]
-    history = pd.read_csv(tuned.path / HISTORY_FILE)
+def test_default_recipe_beats_frozen_160_on_validation(real_run, real_default_run, tmp_path):
+    """Issue 22: the default recipe was chosen on validation; on this split it must beat frozen 160 px there."""
+    baseline, chosen = validation(real_run, tmp_path), validation(real_default_run, tmp_path)
+    assert chosen["organ"]["balanced_accuracy"] > baseline["organ"]["balanced_accuracy"]
+    assert chosen["cancer"]["roc_auc"] >= baseline["cancer"]["roc_auc"] - 0.02
+
+
+def test_default_recipe_on_test_and_its_config_describes_the_saved_model(real_default_run, default, frozen):
+    info = open_run(real_default_run)
+    saved = info.config["saved"]
+    history = pd.read_csv(real_default_run / HISTORY_FILE)
     # "final" is the epoch whose weights were saved, whichever phase that was (epochs number on across phases).
     row = history[history["epoch"] == saved["epoch"]]
-    assert len(row) == 1 and tuned.config["final"]["val_loss"] == pytest.approx(float(row["val_loss"].iloc[0]))
-    metrics = evaluate_run(tuned.path, split="test", out=tmp_path / "eval", resamples=200)
-    # Kept only when better on validation (like with like); on test it must not end worse than the frozen phase
-    # by more than one image's worth of accuracy.
-    one_image = 1 / metrics["n_images"]
-    assert metrics["organ"]["accuracy"] >= frozen["organ"]["accuracy"] - one_image
-    assert metrics["cancer"]["roc_auc"] >= frozen["cancer"]["roc_auc"] - 0.01
+    assert len(row) == 1 and info.config["final"]["val_loss"] == pytest.approx(float(row["val_loss"].iloc[0]))
+    # A fine-tuning phase is kept only when it beats the frozen one on validation (like with like).
+    best = info.config["best"]
+    if best.get("fine_tune") is not None and saved["phase"] == "fine_tune":
+        assert best["fine_tune"] <= best["heads"]
+    # On test, no worse than frozen 160 px by more than two images' worth of accuracy.
+    two_images = 2 / default["n_images"]
+    assert default["organ"]["balanced_accuracy"] >= frozen["organ"]["balanced_accuracy"] - two_images
+    assert default["cancer"]["roc_auc"] >= frozen["cancer"]["roc_auc"] - 0.02
+
+
+def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_default_run):
+    """int8 where the product promises it: a pretrained real-sample run at 256 px. Measured on its 32 check images:
+    max |difference| about 0.001 (organ) / 0.03 (cancer) under XNNPACK and LiteRT's reference kernels alike, against
+    the product's bar of 0.05."""
+    info = open_run(real_default_run)
+    assert info.image_size == 256
+    result = export_run(real_default_run, format="int8")  # the product's own bars (TOLERANCE["int8"])
+    record = read_json(export_dir(info, "int8") / EXPORT_FILE)
+    assert record["artifact"] == ARTIFACTS["int8"] and record["max_abs_diff"] == result.max_abs_diff
+    assert max(result.max_abs_diff.values()) <= TOLERANCE["int8"]["max_abs_diff"] == 0.05
+    assert min(result.argmax_agreement.values()) >= TOLERANCE["int8"]["argmax_agreement"] == 0.99
+
+    split = load_split(info.split_path)
+    files = split.loc[split["split"] == "test", "path"].tolist()
+    keras_frame = Predictor.from_run(real_default_run).predict(files)
+    int8_frame = Predictor.from_run(real_default_run, engine="int8").predict(files)
+    assert list(int8_frame.columns) == [c for c in keras_frame.columns if c not in ("ood_score", "ood")]
+    assert (int8_frame["organ"] == keras_frame["organ"]).mean() >= 0.95
+    assert (int8_frame["cancer"] == keras_frame["cancer"]).mean() >= 0.95
+    probabilities = [c for c in int8_frame.columns if c.startswith("p_")]
+    moved = np.abs(int8_frame[probabilities].to_numpy(float) - keras_frame[probabilities].to_numpy(float)).max(axis=1)
+    assert np.median(moved) <= 0.02
