@@ -213,6 +213,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     require_extra("serve")  # before anything loads: the model, or an onnx export made first
 
+    from multitask.serve.guard import check_listen, trusted_hosts
+
+    token = args.token or os.environ.get("MULTITASK_SERVE_TOKEN") or None
+    check_listen(args.host, args.port, token=token, insecure_no_token=args.insecure_no_token)  # before any loading
     try:
         import uvicorn
 
@@ -220,8 +224,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError(f"multitask serve needs FastAPI and uvicorn ({exc.name} is missing): "
                           "pip install 'multitask[serve]'") from None
-    app = create_app(args.run_dir, engine=args.engine)  # the model loads once, here, before the port opens
+    hosts = trusted_hosts(args.host, args.allowed_host)
+    app = create_app(args.run_dir, engine=args.engine, allowed_hosts=hosts, token=token)  # loads once, here
     print(f"serving {args.run_dir} ({args.engine} engine) on http://{args.host}:{args.port}/  (Ctrl+C stops)")
+    print(f"answering Host names: {', '.join(hosts)}" + ("; every request but the page needs the bearer token "
+                                                          "(the page asks for it once)" if token else ""))
+    if token is None and args.insecure_no_token:
+        print(f"WARNING: --insecure-no-token: anyone who can reach {args.host}:{args.port} can send images and read "
+              "the answers", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -229,8 +239,16 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run directory (from `multitask train`)")
     p.add_argument("--host", default=settings.SERVE_HOST,
-                   help="address to listen on (default %(default)s: this machine only; the API has no login)")
-    p.add_argument("--port", type=int, default=settings.SERVE_PORT, help="default %(default)s")
+                   help="address to listen on (default %(default)s: this machine only; any other address needs "
+                        "--token or --insecure-no-token)")
+    p.add_argument("--port", type=int, default=settings.SERVE_PORT, help="1..65535 (default %(default)s)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every request but the page (at least "
+                                   "16 characters; or set MULTITASK_SERVE_TOKEN, which keeps it out of `ps`)")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="serve a non-loopback --host without a token (anyone who reaches it can use it)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (e.g. the name of a proxy in front; "
+                        "repeatable; * allows any). Others get 400, which stops DNS rebinding")
     p.add_argument("--engine", choices=settings.ENGINES[:2], default=settings.ENGINES[0],
                    help="runtime of the forward pass: keras (default) or onnx (fp32, from RUN/export/onnx/, "
                         "exported first when missing or stale)")

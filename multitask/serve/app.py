@@ -5,7 +5,7 @@ Routes::
     POST /predict   multipart upload of one or more images -> {"results": [one answer per file, in order]}
     POST /explain   the same, each answer with Grad-CAM overlays per head as PNG data URLs
     GET  /health    {"status": "ok", "model": ..., "engine": ..., "image_size": ..., "tasks": [...],
-                     "batching": {"forward_passes": ..., "images": ...}}
+                     "batching": {"forward_passes": ..., "images": ...}, "limits": {...}, "run": {...}}
     GET  /          the page (static/index.html: one file, no build step, nothing fetched from elsewhere)
 
 An answer is ``{"file", "error": null, "organ", "organ_prob", "organ_probabilities": {label: p}, "cancer",
@@ -13,9 +13,13 @@ An answer is ``{"file", "error": null, "organ", "organ_prob", "organ_probabiliti
 "ood_score", "note"}`` (the columns of :meth:`multitask.predict.Predictor.table`: the threshold that decided this
 file, its predicted organ's own one or the run's global one, and which; a single-task run has its own task's keys
 only, a run without an out-of-distribution detector no ``ood`` keys). A file that is not a readable image gets
-``{"file", "error": why}`` and never fails the others; when no file of a request can be read the status is 422. A
-file over the upload limit is answered with 413, a request that is not a multipart upload with 400. Error bodies are
-``{"detail": message}``: the message a person can act on, never a stack trace (those go to the server's log).
+``{"file", "error": why}`` and never fails the others, and so does a file over the per-file limit; when no file of a
+request can be answered the status is 422 (413 when every file was over a limit). A request over its total size
+(413), slower than its time limit (408), or beyond the uploads the server reads at once (503) stops at once; one
+that is not a multipart upload gets 400. Before any route, :class:`multitask.serve.guard.Guard` checks the Host
+header (400) and the bearer token when there is one (401). Error bodies are ``{"detail": message}``: the message
+a person can act on, never a stack trace (those go to the server's log). ``/health``'s ``run`` holds
+:func:`multitask.serve.facts.run_facts` (the operating point, the organs never seen in training) for the page.
 """
 
 from __future__ import annotations
@@ -36,10 +40,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from multitask.errors import ConfigError, MultitaskError
 from multitask.predict import probability_column
 from multitask.settings import (
+    SERVE_BODY_TIMEOUT_S,
     SERVE_HOST,
+    SERVE_LOW_CONFIDENCE,
     SERVE_MAX_BATCH,
+    SERVE_MAX_BUFFERED_BYTES,
     SERVE_MAX_FILES,
+    SERVE_MAX_REQUEST_BYTES,
     SERVE_MAX_UPLOAD_BYTES,
+    SERVE_MAX_UPLOADS,
     SERVE_MAX_WAIT_MS,
 )
 from multitask.taxonomy import MALIGNANT
@@ -69,7 +78,8 @@ class Service:
     def _decode_all(self, uploads) -> list[tuple[np.ndarray | None, str | None]]:
         from multitask.serve.uploads import decode_upload
 
-        return [decode_upload(upload.data, self.predictor.image_size) for upload in uploads]
+        return [(None, upload.error) if upload.error else decode_upload(upload.data, self.predictor.image_size)
+                for upload in uploads]
 
     async def answer(self, uploads, *, explain: bool = False) -> tuple[int, dict]:
         """HTTP status and body for the uploaded files."""
@@ -94,6 +104,8 @@ class Service:
                 results[i]["explain"] = overlay
         if not good:
             shown = "; ".join(f"{r['file']}: {r['error']}" for r in results[:5])
+            if all(upload.too_large for upload in uploads):  # nothing to answer, only because of the limits
+                return 413, {"detail": f"every file is over a limit ({shown})", "results": results}
             return 422, {"detail": f"none of the {len(uploads)} file(s) is an image this server can read ({shown})",
                          "results": results}
         return 200, {"results": results}
@@ -114,6 +126,9 @@ class Service:
         if "ood" in row:
             record["ood"], record["ood_score"] = bool(row["ood"]), _number(row["ood_score"])
         record["note"] = row["note"] if isinstance(row["note"], str) else None
+        for key, value in row.items():  # columns the table gains later reach the page too (plain values only)
+            if key not in record and key != "path" and not key.startswith("p_") and _plain(value):
+                record[key] = _number(value) if isinstance(value, (float, np.floating)) else value
         return record
 
     def _overlays(self, images: list[np.ndarray], decided: dict[str, np.ndarray]) -> list[dict[str, str]]:
@@ -134,12 +149,29 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (str, bool, int, float, np.bool_, np.integer, np.floating))
+
+
 def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", predictor=None,
                max_upload_bytes: int = SERVE_MAX_UPLOAD_BYTES, max_files: int = SERVE_MAX_FILES,
-               max_batch: int = SERVE_MAX_BATCH, max_wait_ms: float = SERVE_MAX_WAIT_MS):
-    """The FastAPI app serving ``run`` with ``engine`` (or an already made ``predictor``), loaded once, here."""
+               max_request_bytes: int = SERVE_MAX_REQUEST_BYTES, body_timeout_s: float = SERVE_BODY_TIMEOUT_S,
+               max_uploads: int = SERVE_MAX_UPLOADS, max_buffered_bytes: int = SERVE_MAX_BUFFERED_BYTES,
+               max_batch: int = SERVE_MAX_BATCH, max_wait_ms: float = SERVE_MAX_WAIT_MS,
+               allowed_hosts: list[str] | tuple[str, ...] | None = None, token: str | None = None,
+               low_confidence: float = SERVE_LOW_CONFIDENCE):
+    """The FastAPI app serving ``run`` with ``engine`` (or an already made ``predictor``), loaded once, here.
+
+    ``allowed_hosts`` are the Host names it answers (default: this machine's loopback names, see
+    :func:`multitask.serve.guard.trusted_hosts`); with ``token`` every route but the page needs ``Authorization:
+    Bearer <token>``. The upload limits are described in :mod:`multitask.serve.uploads`; the page marks an organ
+    answer below ``low_confidence`` as uncertain."""
+    from starlette.requests import ClientDisconnect
+
     from multitask.predict import Predictor
-    from multitask.serve.uploads import UploadError, read_uploads
+    from multitask.serve.facts import run_facts
+    from multitask.serve.guard import LOOPBACK_NAMES, Guard
+    from multitask.serve.uploads import UploadBudget, UploadError, UploadLimits, read_uploads
 
     if predictor is None:
         if run is None:
@@ -148,6 +180,10 @@ def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", p
     model_name = Path(run).resolve().name if run is not None else predictor.engine.name
     service = Service(predictor, model_name=model_name, max_batch=max_batch, max_wait_ms=max_wait_ms)
     page = PAGE.read_text(encoding="utf-8")
+    facts = run_facts(run, predictor)
+    limits = UploadLimits(max_file_bytes=max_upload_bytes, max_files=max_files, max_request_bytes=max_request_bytes,
+                          body_timeout_s=body_timeout_s)
+    budget = UploadBudget(max_uploads=max_uploads, max_buffered_bytes=max_buffered_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -155,11 +191,14 @@ def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", p
         service.close()
 
     app = FastAPI(title="multitask", summary="organ and benign/malignant from one image", lifespan=lifespan)
-    app.state.service = service
+    app.state.service, app.state.budget = service, budget
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts or LOOPBACK_NAMES), token=token)
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError):
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        # The rest of the body may still be on its way: close the connection rather than read it.
+        headers = {"connection": "close"} | ({"retry-after": "5"} if exc.status == 503 else {})
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(MultitaskError)
     async def library_error(request: Request, exc: MultitaskError):
@@ -171,10 +210,16 @@ def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", p
         return JSONResponse({"detail": "internal error; the server's log has the details"}, status_code=500)
 
     async def respond(request: Request, *, explain: bool):
-        uploads = await read_uploads(request.headers.get("content-type", ""), request.stream(),
-                                     content_length=request.headers.get("content-length"),
-                                     max_bytes=max_upload_bytes, max_files=max_files)
-        status, body = await service.answer(uploads, explain=explain)
+        with budget.slot() as hold:  # 503 beyond the uploads read at once; the bytes are held until answered
+            try:
+                uploads = await read_uploads(request.headers.get("content-type", ""), request.stream(),
+                                             content_length=request.headers.get("content-length"), limits=limits,
+                                             hold=hold)
+            except ClientDisconnect:  # nobody is left to answer
+                return JSONResponse({"detail": "the client went away during the upload"}, status_code=400)
+            hold.done_reading()
+            status, body = await service.answer(uploads, explain=explain)
+            del uploads
         return JSONResponse(body, status_code=status)
 
     @app.post("/predict", summary="organ and benign/malignant for each uploaded image")
@@ -189,7 +234,10 @@ def create_app(run: str | os.PathLike | None = None, *, engine: str = "keras", p
     async def health():
         return {"status": "ok", "model": model_name, "engine": predictor.engine.name,
                 "image_size": predictor.image_size, "tasks": list(predictor.tasks),
-                "batching": {"forward_passes": service.batcher.passes, "images": service.batcher.images}}
+                "batching": {"forward_passes": service.batcher.passes, "images": service.batcher.images},
+                "limits": {"max_file_bytes": limits.max_file_bytes, "max_files": limits.max_files,
+                           "max_request_bytes": limits.max_request_bytes, "body_timeout_s": limits.body_timeout_s},
+                "run": facts | {"low_confidence": low_confidence}}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
