@@ -12,8 +12,10 @@ from pathlib import Path
 from multitask.errors import MultitaskError, cli_message
 from multitask.settings import (
     DEFAULT_SPLIT_METHOD,
+    PRECISIONS,
     SPLIT_METHODS,
     STRATEGIES,
+    SWITCHES,
     TASK_CHOICES,
     WEIGHTINGS,
     GroupingParams,
@@ -248,7 +250,16 @@ def add_train(p: argparse.ArgumentParser) -> None:
     add_taxonomy_options(p)
     p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="tf.distribute: mirrored = all local GPUs (or CPUs), multiworker = TF_CONFIG cluster")
-    p.add_argument("--cache-dir", help="where backbone features are cached (default RUN_DIR/cache)")
+    p.add_argument("--cache-dir", help="where backbone features and decoded images are cached (default RUN_DIR/cache)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: mixed_bfloat16 on GPUs that have it (NVIDIA Ampere or later), float32 elsewhere; "
+                        "mixed_float16 adds loss scaling. The saved model computes in float32 (default %(default)s)")
+    p.add_argument("--jit-compile", choices=SWITCHES, default=d.jit_compile,
+                   help="compile the training step with XLA; auto: on where a GPU is present (default %(default)s)")
+    p.add_argument("--decoded-cache", choices=SWITCHES, default=d.decoded_cache,
+                   help="decode and resize every image once into a uint8 array file in --cache-dir that feature "
+                        "extraction and every fine-tuning epoch read; auto: when it takes at most half the free disk "
+                        "space (about 196 KB per image at 256 px) (default %(default)s)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation loss (default %(default)s)")
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity,

@@ -3,8 +3,9 @@
 While the backbone is frozen (training phase 1), the heads see the same pooled features every epoch, so they are
 computed once per image and cached on disk. The cache key holds everything the features depend on: the
 backbone's weights (a SHA-256 of every value: ImageNet, a weights file or a seeded random init), the image size,
-and each file's path, size and mtime, plus the library versions; a stale cache is never used, and a damaged one is
-recomputed. Files that cannot be decoded are skipped, and their positions recorded.
+each file's path, size and mtime, the backbone's precision, whether the pixels came from the files or the
+decoded-image cache (:mod:`multitask.decoded`), and the library versions; a stale cache is never used, and a
+damaged one is recomputed. Files that cannot be decoded are skipped, and their positions recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from multitask.data import indexed_images
+from multitask.decoded import DecodedImages, files_digest, read_batches
 from multitask.errors import DataError
 from multitask.files import atomic_path
 
@@ -51,38 +53,43 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str) -> dict[str, Any]:
-    """What cached features depend on: backbone weights, image size, each file's path/size/mtime, versions."""
+def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str, precision: str = "float32",
+                      pixels: str = "files") -> dict[str, Any]:
+    """What cached features depend on: backbone weights, image size, each file's path/size/mtime, the backbone's
+    precision, where the pixels come from (the files, or the decoded cache's uint8 arrays), versions."""
     import keras
     import tensorflow as tf
 
-    files = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        files.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {
         "format": FEATURE_CACHE_FORMAT,
         "weights": fingerprint,
         "image_size": int(image_size),
-        "files": files.hexdigest(),
+        "files": files_digest(paths),
         "count": len(paths),
+        "precision": precision,
+        "pixels": pixels,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
 
 
-def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
-                     verbose: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features of every file that decodes, and the positions of those files in ``paths``."""
+def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int, verbose: int = 1,
+                     decoded: DecodedImages | None = None, jit_compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features of every file that decodes, and the positions of those files in ``paths``; the pixels come
+    from ``decoded`` (uint8, cast inside the graph) when given, else from decoding the files."""
     import keras
     import tensorflow as tf
 
-    forward = tf.function(lambda images: backbone(images, training=False), reduce_retracing=True)
+    forward = tf.function(lambda images: backbone(images, training=False), reduce_retracing=True,
+                          jit_compile=jit_compile)
+    if decoded is None:
+        batches = indexed_images(paths, image_size=image_size, batch_size=batch_size)
+    else:
+        batches = read_batches(decoded.images, decoded.rows, batch_size=batch_size)
     progress = keras.utils.Progbar(-(-len(paths) // batch_size), verbose=verbose, unit_name="batch")
     values, rows = [], []
-    for step, (index, images) in enumerate(indexed_images(paths, image_size=image_size, batch_size=batch_size),
-                                           start=1):
+    for step, (index, images) in enumerate(batches, start=1):
         values.append(np.asarray(forward(images), np.float32))
-        rows.append(index.numpy())
+        rows.append(np.asarray(index))
         progress.update(step, finalize=step == progress.target)
     if len(values) < progress.target:  # undecodable files left the last batches short
         progress.update(len(values), finalize=True)
@@ -98,15 +105,18 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
 
 
 def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
-                    cache_dir: str | os.PathLike, verbose: int = 1, workers=None) -> Features:
-    """Features of ``paths`` from the cache when its key matches exactly, else computed and cached atomically.
+                    cache_dir: str | os.PathLike, verbose: int = 1, workers=None, decoded: DecodedImages | None = None,
+                    jit_compile: bool = False) -> Features:
+    """Features of ``paths`` from the cache when its key matches exactly, else computed (from ``decoded`` when
+    given: :func:`extract_features`) and cached atomically.
 
     With ``workers`` (a :class:`multitask.distribute.Workers`, multi-worker training) the cache is used only if
     every worker has it; otherwise each worker computes every ``count``-th image from its ``rank`` on and the
     shares are summed across workers, so every worker holds all features, each computed once.
     """
     start = time.perf_counter()
-    key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone))
+    key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone),
+                            precision=backbone_precision(backbone), pixels="files" if decoded is None else "decoded")
     key_text = json.dumps(key, sort_keys=True)
     path = Path(cache_dir) / f"features-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.npz"
     log.debug("feature cache key %s", key_text)
@@ -121,13 +131,19 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
     log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
     if workers is None:
         values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size,
-                                        verbose=verbose)
+                                        verbose=verbose, decoded=decoded, jit_compile=jit_compile)
     else:
         values, rows = shared_features(backbone, paths, image_size=image_size, batch_size=batch_size,
                                        verbose=verbose, workers=workers)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, values=values, rows=rows, key=np.asarray(key_text))
     return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start)
+
+
+def backbone_precision(backbone) -> str:
+    """The dtype policy most of ``backbone``'s layers compute in ("float32", "mixed_bfloat16", ...)."""
+    names = [layer.dtype_policy.name for layer in backbone.layers]
+    return max(set(names), key=names.count)
 
 
 def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -97,12 +97,14 @@ def build_backbone(image_size: int = 256, weights: str | os.PathLike | None = "i
             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 once on a machine with internet and "
             "pass $weights=PATH"
         ) from exc
-    pooled = keras.layers.GlobalAveragePooling2D(name=POOLED)(inception.output)
+    # float32 whatever the dtype policy (multitask.accelerate): the mean of 2,048 maps, and a standardisation that
+    # subtracts means ~1e-4 apart in a random-init backbone, lose their meaning in bfloat16's 8 bits of mantissa.
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOLED, dtype="float32")(inception.output)
     # Per-feature standardisation with a shrunk variance, fitted on the training images' features by
     # fit_feature_scaling (the identity until then). Pooled features of a randomly initialised InceptionV3 are
     # ~1e-4 in size, too small for the heads to learn from; pretrained features span very different scales and
     # include features that are constant on the training images. One shared layer handles both.
-    features = keras.layers.Normalization(axis=-1, name=FEATURE_SCALING)(pooled)
+    features = keras.layers.Normalization(axis=-1, name=FEATURE_SCALING, dtype="float32")(pooled)
     return keras.Model(image, features, name="backbone")
 
 
@@ -140,7 +142,8 @@ def build_heads(tasks: tuple[str, ...] = TASKS) -> keras.Model:
     for task in (t for t in TASKS if t in tasks):  # canonical order, whatever order was asked for
         x = keras.layers.Dense(HEAD_UNITS, activation="relu", name=f"{task}_hidden")(features)
         x = keras.layers.Dropout(HEAD_DROPOUT, name=f"{task}_dropout")(x)
-        logits[task] = keras.layers.Dense(NUM_CLASSES[task], name=task)(x)
+        # float32 logits under mixed precision too: the losses, softmax and calibration need float32's range.
+        logits[task] = keras.layers.Dense(NUM_CLASSES[task], name=task, dtype="float32")(x)
     return keras.Model(features, logits, name=HEADS)
 
 

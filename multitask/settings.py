@@ -22,6 +22,11 @@ from multitask.taxonomy import TASKS
 
 TASK_CHOICES = ("joint", *TASKS)
 STRATEGIES = ("default", "mirrored", "multiworker")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # auto: bf16 on a GPU that has it, else float32
+SWITCHES = ("auto", "on", "off")  # --jit-compile (auto: on where a GPU is present), --decoded-cache (see below)
+# --decoded-cache auto uses the decoded-image cache when it fits in this share of the free disk space under the
+# cache folder (images x side^2 x 3 bytes: 196,608 per 256 px image, 25.6 GB for the full Kaggle set).
+DECODED_CACHE_DISK_SHARE = 0.5
 WEIGHTINGS = ("static", "uncertainty")
 SPLITS = ("train", "val", "test")
 SPLIT_METHODS = ("random", "grouped")
@@ -81,6 +86,9 @@ class TrainConfig:
     taxonomy: str | None = None
     allow_unknown: bool = False
     cache_dir: str | None = None  # None: <out>/cache
+    precision: str = "auto"  # PRECISIONS; the saved model computes in float32 whatever this is
+    jit_compile: str = "auto"  # XLA
+    decoded_cache: str = "auto"  # decode and resize each image once into <cache_dir>/decoded-*.npy
     patience: int = 5  # early stopping, in epochs without a better validation loss
     target_sensitivity: float = 0.95  # the malignancy threshold is chosen on validation to reach this
     overwrite: bool = False
@@ -102,6 +110,12 @@ class TrainConfig:
                                            f"{self.weighting!r}"),
             (self.strategy in STRATEGIES, f"$strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.split in SPLIT_METHODS, f"$split must be one of {', '.join(SPLIT_METHODS)}, got {self.split!r}"),
+            (self.precision in PRECISIONS, f"$precision must be one of {', '.join(PRECISIONS)}, got "
+                                           f"{self.precision!r}"),
+            (self.jit_compile in SWITCHES, f"$jit_compile must be one of {', '.join(SWITCHES)}, got "
+                                           f"{self.jit_compile!r}"),
+            (self.decoded_cache in SWITCHES, f"$decoded_cache must be one of {', '.join(SWITCHES)}, got "
+                                             f"{self.decoded_cache!r}"),
             (_integer(self.image_size) and self.image_size >= MIN_IMAGE_SIZE,
              f"$image_size {self.image_size!r} is below InceptionV3's minimum of {MIN_IMAGE_SIZE} px"),
             (_integer(self.batch_size) and self.batch_size >= 1, f"$batch_size must be at least 1, got "

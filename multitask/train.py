@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from multitask import callbacks as handlers
+from multitask.accelerate import dtype_policy, float32_copy, make_optimizer, resolve_jit, resolve_precision
 from multitask.calibration import calibration_record, fit_calibration
-from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree
+from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree, task_labels
+from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
@@ -48,7 +50,7 @@ from multitask.rundir import (
     RunInfo,
     package_versions,
 )
-from multitask.settings import TrainConfig
+from multitask.settings import DECODED_CACHE_DISK_SHARE, TrainConfig
 from multitask.splits import load_split, save_split, split_manifest
 from multitask.taxonomy import load_taxonomy
 from multitask.weighting import MultiTaskTrainer, make_weighting
@@ -86,8 +88,14 @@ class Trainer:
         self.role, chief = worker_role()
         self.keeps_run = self.workers is None or chief
         keras.utils.set_random_seed(config.seed)  # same seed, same random init: the feature cache stays valid
+        self.precision = resolve_precision(config.precision)  # what "auto" means on this machine
+        self.jit_compile = resolve_jit(config.jit_compile, distributed=config.strategy != "default")
+        log.info("precision %s, XLA %s", self.precision, "on" if self.jit_compile else "off")
+        self.fit_rows: pd.DataFrame | None = None  # the train and val rows, in that order (features, decoded cache)
+        self.decoded: DecodedImages | None = None  # the decoded-image cache of fit_rows' images, if used
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
-            self.model = build_model(config.tasks, config.image_size, config.weights)
+            with dtype_policy(self.precision):  # only the model: the weighting and the losses stay float32
+                self.model = build_model(config.tasks, config.image_size, config.weights)
             self.weighting = make_weighting(config.weighting, tasks=config.tasks, loss_weights=config.loss_weights)
         self.parts = model_parts(self.model)
         self.extra_callbacks = list(callbacks)
@@ -110,6 +118,7 @@ class Trainer:
         with RunDir.open(config) as self.run:
             split = self.split()
             fit_rows = pd.concat([split[split["split"] == s] for s in ("train", "val")]).reset_index(drop=True)
+            self.fit_rows = fit_rows
             features = self.features(fit_rows)
             self.monitor = f"val_{MONITOR}" if (split["split"] == "val").any() else MONITOR
             balance = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
@@ -122,9 +131,22 @@ class Trainer:
                 log.info("%s: trained in step with the chief; the chief finishes the run", self.role)
                 return None
             backbone_changed = tuned is not None and _better(tuned.best, heads.best)
+            if self.to_float32():  # calibrate what is saved: the float32 model, not the cached mixed features
+                backbone_changed = True
             calibration = self.calibrate(fit_rows, features, backbone_changed=backbone_changed)
             ood = self.fit_ood(split)
             return self.finish(split, features, heads, tuned, balance, calibration, ood)
+
+    def to_float32(self) -> bool:
+        """Replace a mixed-precision model by its float32 copy (:func:`multitask.accelerate.float32_copy`), the model
+        that is calibrated and saved; whether it was replaced."""
+        config = self.config
+        with self.strategy.scope():
+            model = float32_copy(self.model, lambda: build_model(config.tasks, config.image_size, None))
+        if model is self.model:
+            return False
+        self.model, self.parts = model, model_parts(model)
+        return True
 
     def split(self) -> pd.DataFrame:
         """The run's split, saved as split.csv before training so a resumed run uses the very same one."""
@@ -148,9 +170,15 @@ class Trainer:
     def features(self, fit_rows: pd.DataFrame) -> Features:
         """Cached raw features of the train and val rows, standardised by the backbone's (now fitted) scaling."""
         is_train = fit_rows["split"].to_numpy() == "train"
-        features = cached_features(self.parts.backbone, fit_rows["path"].tolist(), image_size=self.config.image_size,
-                                   batch_size=self.config.batch_size, cache_dir=self.cache_dir,
-                                   verbose=self.config.verbose, workers=self.workers)
+        config, paths = self.config, fit_rows["path"].tolist()
+        if wants_decoded_cache(config.decoded_cache, count=len(paths), image_size=config.image_size,
+                               cache_dir=self.cache_dir, disk_share=DECODED_CACHE_DISK_SHARE,
+                               distributed=self.workers is not None):
+            self.decoded = decoded_images(paths, image_size=config.image_size, cache_dir=self.cache_dir,
+                                          verbose=config.verbose)
+        features = cached_features(self.parts.backbone, paths, image_size=config.image_size,
+                                   batch_size=config.batch_size, cache_dir=self.cache_dir, verbose=config.verbose,
+                                   workers=self.workers, decoded=self.decoded, jit_compile=self.jit_compile)
         # Standardise with training-set statistics; the fitted layer is part of the saved backbone.
         features.values = fit_feature_scaling(self.parts.backbone, features.values, fit_rows=is_train[features.rows])
         return features
@@ -182,7 +210,8 @@ class Trainer:
 
         with self.strategy.scope():
             trainer = MultiTaskTrainer(self.parts.heads, self.weighting, name="heads_trainer")
-            trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+            trainer.compile(optimizer=make_optimizer(config.learning_rate, precision=self.precision),
+                            jit_compile=self.jit_compile)
         result = self._fit(trainer, subset(is_train, True), subset(~is_train, False), phase="heads",
                            initial_epoch=0, epochs=config.epochs, learning_rate=config.learning_rate, start=start)
         handlers.save_weights(self.parts.heads, weights_path)
@@ -202,12 +231,20 @@ class Trainer:
         unreadable = set(features.skipped)  # known from phase 1: leaving them out keeps the epoch length known
 
         def dataset(name, training):
-            rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
+            if self.decoded is not None:  # the train and val rows, in split order, that the cache holds
+                positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), self.decoded.rows)
+                rows = self.fit_rows.iloc[positions].reset_index(drop=True)
+            else:
+                rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
             if rows.empty:
                 return None
             weights = sample_weights(rows, balance) if balance else None
             if weights is not None and config.task != "joint":
                 weights = weights[config.task]
+            if self.decoded is not None:
+                return decoded_dataset(self.decoded, positions, task_labels(rows, config.task),
+                                       batch_size=config.batch_size, training=training, seed=config.seed,
+                                       sample_weight=weights, augment=make_augmenter(config.seed) if training else None)
             return make_dataset(rows, image_size=config.image_size, batch_size=config.batch_size, task=config.task,
                                 training=training, seed=config.seed, sample_weight=weights, known_length=True,
                                 augment=make_augmenter(config.seed) if training else None)
@@ -215,7 +252,8 @@ class Trainer:
         with self.strategy.scope():
             trainable = freeze_backbone(self.parts.backbone, unfreeze_from=config.unfreeze_from)
             trainer = MultiTaskTrainer(self.model, self.weighting, name="fine_tune_trainer")
-            trainer.compile(optimizer=keras.optimizers.Adam(config.fine_tune_lr))
+            trainer.compile(optimizer=make_optimizer(config.fine_tune_lr, precision=self.precision),
+                            jit_compile=self.jit_compile)
         if not trainable:
             log.warning("no backbone layer with weights comes after %s, so fine-tuning trains the heads only; unfreeze "
                         "from an earlier layer (mixed9 trains the last Inception block)", config.unfreeze_from)
@@ -348,6 +386,9 @@ class Trainer:
             "split_counts": split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict(),
             "features": {"cache": str(features.path), "reused": features.reused, "images": int(len(features.rows)),
                          "skipped": features.skipped},
+            # what --precision, --jit-compile and --decoded-cache resolved to on this machine
+            "compute": {"precision": self.precision, "jit_compile": self.jit_compile,
+                        "decoded_cache": None if self.decoded is None else self.decoded.record()},
             # the metrics of the saved model's epoch (not necessarily the last epoch run)
             "final": {k: float(v) for k, v in saved.iloc[-1].items() if pd.notna(v)} if len(saved) else {},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

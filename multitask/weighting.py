@@ -151,9 +151,15 @@ def make_weighting(method: str, *, tasks: tuple[str, ...], loss_weights: Mapping
 
 
 def _replicas() -> int:
+    if not _on_tensorflow():  # JAX or PyTorch (scripts/gpu_benchmark.py): no tf.distribute, one replica per step
+        return 1
     import tensorflow as tf
 
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _on_tensorflow() -> bool:
+    return keras.backend.backend() == "tensorflow"
 
 
 class MultiTaskTrainer(keras.Model):
@@ -203,11 +209,14 @@ class MultiTaskTrainer(keras.Model):
         y = self._by_task(y)
         for task in self.tasks:
             self.task_accuracies[task].update_state(y[task], y_pred[task])
+        if not _on_tensorflow():
+            return self.get_metrics_result()
         return metrics_for_reduction(self.distribute_strategy, self.get_metrics_result())
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3 reduces the first batch across replicas to learn its shapes, which fails under a multi-worker
         # strategy (see multitask.distribute); this worker's own first batch has the same shapes.
-        if iterator is not None and data_batch is None and is_multi_worker(self.distribute_strategy):
+        if iterator is not None and data_batch is None and _on_tensorflow() and \
+                is_multi_worker(self.distribute_strategy):
             iterator, data_batch = None, first_local_batch(self.distribute_strategy, iterator)
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
