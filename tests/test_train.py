@@ -89,7 +89,7 @@ def test_cli_train_writes_a_complete_run(cli_joint_run, demo_data):
 def test_history_logs_each_head_and_the_learned_weights(cli_joint_run):
     _, out = cli_joint_run
     history = pd.read_csv(out / HISTORY_FILE)
-    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["epoch"].tolist() == [1, 2, 3]  # counted from 1, as config.json, the CLI and history.png count
     metrics = ["loss", "organ_loss", "cancer_loss", "organ_accuracy", "cancer_accuracy"]
     assert {*metrics, *(f"val_{m}" for m in metrics)} <= set(history.columns)
     assert {"organ_log_var", "cancer_log_var", "organ_weight", "cancer_weight"} <= set(history.columns)
@@ -100,6 +100,23 @@ def test_history_logs_each_head_and_the_learned_weights(cli_joint_run):
     assert abs(learned["log_vars"]["organ"]) > 1e-3
     assert learned["log_vars"]["organ"] == pytest.approx(history["organ_log_var"].iloc[-1])
     assert learned["loss_weights"]["cancer"] == pytest.approx(np.exp(-learned["log_vars"]["cancer"]))
+
+
+def test_epochs_are_counted_from_1_in_config_history_and_the_cli(demo_split_csv, cache_dir, tmp_path, capsys):
+    """Issue 20: config.json said saved.epoch 37, history.csv counted from 0, the CLI printed "heads epoch 38" and
+    history.png counted from 1. Now all four use the same 1-based number."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--split-file", str(demo_split_csv), "--out", str(out), "--weights", "none",
+                     "--image-size", str(IMAGE_SIZE), "--epochs", "3", "--learning-rate", "0.01",
+                     "--cache-dir", str(cache_dir)]) == 0
+    config = json.loads((out / CONFIG_FILE).read_text())
+    history = pd.read_csv(out / HISTORY_FILE)
+    assert history["epoch"].tolist() == [1, 2, 3]
+    monitor = config["best"]["monitor"]
+    best = int(history.loc[history[monitor].idxmin(), "epoch"])
+    assert config["saved"] == {"phase": "heads", "epoch": best} and config["final"]["epoch"] == best
+    assert config["best"]["heads"] == pytest.approx(history[monitor].min())
+    assert f"(the saved model: heads epoch {best})" in capsys.readouterr().out
 
 
 def test_saved_model_loads_safely_and_matches_the_cached_features(cli_joint_run):
@@ -175,14 +192,14 @@ def test_interrupted_run_on_two_mirrored_cpus_resumes_at_the_next_epoch(demo_spl
     with pytest.raises(Interrupted):
         train(config, callbacks=[InterruptAfterFirstEpoch()])
     assert "computing backbone features" in caplog.text and len(set(cache_dir.iterdir()) - before) == 1
-    assert pd.read_csv(tmp_path / "run" / HISTORY_FILE)["epoch"].tolist() == [0]
+    assert pd.read_csv(tmp_path / "run" / HISTORY_FILE)["epoch"].tolist() == [1]
     with pytest.raises(RunError, match="not a finished run"):
         open_run(tmp_path / "run")
 
     recorder = RecordEpochs()
     info = train(config, callbacks=[recorder])
-    assert recorder.begun == [1, 2]
-    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [0, 1, 2]
+    assert recorder.begun == [1, 2]  # Keras' own indices: the 2nd and 3rd epochs
+    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [1, 2, 3]
     assert info.config["epochs"]["heads"] == 3 and info.config["features"]["reused"]
     # --split-file: the run uses (and keeps) exactly that split
     saved, given = load_split(info.split_path), load_split(demo_split_csv)
@@ -213,7 +230,7 @@ def test_fine_tuning_trains_the_top_block_only_and_skips_bad_files(small_split_w
     config = small_config(tmp_path, split_file, fine_tune_epochs=1, unfreeze_from="mixed9", batch_size=16)
     info = train(config)
     assert info.config["epochs"] == {"heads": 1, "fine_tune": 1}
-    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [0, 1]
+    assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [1, 2]
     assert sorted(info.config["features"]["skipped"]) == sorted(bad_paths)
 
     keras.utils.set_random_seed(config.seed)  # the same initialisation the run started from
