@@ -22,7 +22,7 @@ DEMO = settings.defaults(settings.DemoConfig)
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from multitask.evaluate import METRICS_FILE, MODEL_CARD_FILE, REPORT_FILE, evaluate_run, summary_table
-    from multitask.report import overlap_note
+    from multitask.report import below_target_note, organ_thresholds_note, overlap_note
 
     metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
                            batch_size=args.batch_size, explain=args.explain, calibrated=not args.uncalibrated,
@@ -36,6 +36,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if "cancer" in metrics:
         cancer = metrics["cancer"]
         print(f"cancer: Malignant when P(Malignant) >= {cancer['threshold']:.3f} ({cancer['threshold_source']})")
+        thresholds, weak = organ_thresholds_note(cancer), below_target_note(cancer)
+        if thresholds:
+            print(thresholds)
+        if weak:
+            print(f"warning: {weak}")
     if "ood" in metrics:
         print(f"out of distribution: {metrics['ood']['n_flagged']} of {metrics['n_images']} images flagged")
     note = overlap_note(metrics["overlap"])

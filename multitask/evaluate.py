@@ -17,9 +17,14 @@ probabilities, the run's malignancy threshold, the OOD score).
 ``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "calibrated", "bootstrap", "overlap", "ood",
 "<task>": {"n", "accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated", "brier", "labels",
 "per_class", "confusion_matrix", "figures", "ci95": {metric: [lo, hi]}}}``; the cancer head adds ``roc_auc``,
-``threshold``, ``sensitivity`` and ``specificity`` (at the threshold), ``at_0.5``, ``positive_label``,
-``per_organ`` and ``notes``. The cancer head's decisions are made at the threshold. Undefined numbers (a class
-absent from the evaluated images) are ``null`` with a note, never a crash.
+``threshold`` (the global one), ``organ_thresholds``, ``sensitivity`` and ``specificity`` (at the operating
+point), ``at_global``, ``at_0.5``, ``positive_label``, ``per_organ``, ``organs_below_target`` and ``notes``. The
+cancer head decides each image at the threshold that :class:`multitask.predict.Predictor` applied: its PREDICTED
+organ's own threshold where the run has one, else the global one (``--threshold`` overrides both). ``per_organ``
+holds, per TRUE organ, sensitivity and specificity at that operating point and at the global threshold, with exact
+binomial intervals (:func:`multitask.bootstrap.proportion_interval`), and ``below_target`` when its sensitivity
+is below the run's target. Undefined numbers (a class absent from the evaluated images) are ``null`` with a note,
+never a crash.
 
 Summary numbers follow scikit-learn: balanced accuracy is the mean recall over the classes present in the true
 labels; macro-F1 averages over the classes present in the true labels or the predictions. Intervals:
@@ -40,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from multitask import calibration as cal
-from multitask.bootstrap import bootstrap_intervals, classification_intervals
+from multitask.bootstrap import bootstrap_intervals, classification_intervals, proportion_interval
 from multitask.data import scan_tree
 from multitask.errors import DataError
 from multitask.figures import confusion_figure, reliability_figure, roc_figure
@@ -51,7 +56,7 @@ from multitask.rundir import RunInfo, claim_files, open_run
 from multitask.settings import BATCH_SIZE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from multitask.splits import load_split
 from multitask.synthetic import SYNTHETIC_MARK
-from multitask.taxonomy import MALIGNANT, ORGAN_LABELS
+from multitask.taxonomy import MALIGNANT
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +127,9 @@ def task_metrics(y_true, probs, labels: Sequence[str], *, predicted=None) -> dic
 
 
 def cancer_metrics(y_true, probs, labels: Sequence[str], *, positive: str = POSITIVE_LABEL,
-                   threshold: float = 0.5) -> dict[str, Any]:
-    """:func:`task_metrics` of the decision P(positive) >= ``threshold``, plus ROC-AUC, sensitivity and
-    specificity of the ``positive`` class."""
+                   threshold: float | np.ndarray = 0.5) -> dict[str, Any]:
+    """:func:`task_metrics` of the decision P(positive) >= ``threshold`` (one number, or one per image), plus
+    ROC-AUC, sensitivity and specificity of the ``positive`` class."""
     from sklearn.metrics import roc_auc_score
 
     if len(labels) != 2 or positive not in labels:
@@ -142,7 +147,7 @@ def cancer_metrics(y_true, probs, labels: Sequence[str], *, positive: str = POSI
     both = 0 < is_positive.sum() < len(y_true)
     metrics.update(
         positive_label=positive,
-        threshold=float(threshold),
+        threshold=float(threshold) if np.ndim(threshold) == 0 else None,
         roc_auc=float(roc_auc_score(is_positive, probs[:, pos])) if both else None,
         sensitivity=metrics["per_class"][positive]["recall"],
         specificity=metrics["per_class"][negative]["recall"],
@@ -174,9 +179,11 @@ def per_organ_accuracy(organ_true, cancer_true, cancer_pred, organ_labels: Seque
     return table
 
 
-def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *, threshold: float | None = None,
-                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
-    """One head's metrics with calibration (ECE before/after, Brier) and 95% bootstrap intervals of each."""
+def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *,
+                 threshold: float | np.ndarray | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """One head's metrics with calibration (ECE before/after, Brier) and 95% bootstrap intervals of each; the
+    cancer head decides at ``threshold`` (one number, or one per image)."""
     if task == "cancer":
         result = cancer_metrics(y_true, probs, labels, threshold=threshold if threshold is not None else 0.5)
     else:
@@ -193,7 +200,7 @@ def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *, 
     for k, label in enumerate(labels):
         result["per_class"][label]["ci95"] = {"precision": ci.pop(f"precision/{k}"), "recall": ci.pop(f"recall/{k}")}
     result["ci95"] = ci
-    if task == "cancer" and threshold != 0.5:
+    if task == "cancer" and np.any(np.asarray(threshold) != 0.5):
         half = classification_intervals(y_true, probs, positive=positive, threshold=0.5, n_resamples=resamples,
                                             seed=seed)
         sensitivity, specificity = cal.sensitivity_specificity(np.asarray(probs)[:, positive],
@@ -242,14 +249,19 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         probs = predicted[[f"p_{task}_{label}" for label in labels]].to_numpy(np.float64)
         raw = probs if not calibrated else cal.uncalibrated(probs, run.temperatures[task])
         y_true = manifest[f"{task}_id"].to_numpy()
-        result = head_metrics(task, y_true, probs, raw, labels, resamples=resamples,
-                              threshold=predictor.threshold if task == "cancer" else None)
+        # Each image is decided at the threshold the predictor applied to it: its predicted organ's, or the global one.
+        applied = predicted["malignancy_threshold"].to_numpy(np.float64) if task == "cancer" else None
+        result = head_metrics(task, y_true, probs, raw, labels, resamples=resamples, threshold=applied)
         if task == "cancer":
-            result["threshold_source"] = ("given with --threshold" if threshold is not None else
-                                          "the run's operating point" if calibrated and run.malignancy_threshold
-                                          is not None else "the default 0.5")
-            result["target_sensitivity"] = run.calibration.get("target_sensitivity")
-            result["per_organ"] = _per_organ(manifest, y_true, probs, labels, predictor.threshold, resamples)
+            result.update(_operating_point(run, predictor, threshold_given=threshold is not None,
+                                           calibrated=calibrated))
+            if predictor.organ_thresholds:
+                result["at_global"] = _at_threshold(y_true, probs, labels, predictor.threshold, resamples)
+            result["per_organ"] = _per_organ(manifest, y_true, probs, labels, applied, predictor=predictor,
+                                             organ_labels=run.taxonomy.labels("organ"),
+                                             target=result["target_sensitivity"])
+            result["organs_below_target"] = [organ for organ, row in result["per_organ"].items()
+                                             if row["below_target"]]
         result["figures"] = _task_figures(task, result, y_true, probs, raw, out)
         metrics[task] = result
     if "ood" in predicted.columns:
@@ -293,18 +305,67 @@ def overlap_counts(seen_as: np.ndarray | None) -> dict[str, Any] | None:
     return {**counts, "fraction": sum(counts.values()) / len(seen_as) if len(seen_as) else 0.0}
 
 
-def _per_organ(manifest: pd.DataFrame, y_true, probs, labels, threshold: float, resamples: int) -> dict[str, Any]:
-    """:func:`per_organ_accuracy` at the threshold, each with its intervals."""
+def _operating_point(run: RunInfo, predictor, *, threshold_given: bool, calibrated: bool) -> dict[str, Any]:
+    """The cancer head's thresholds as evaluated: the global one, its source, the per-organ table, the target."""
+    if threshold_given:
+        source = "given with --threshold"
+    elif not calibrated or run.malignancy_threshold is None:
+        source = "the default 0.5"
+    elif predictor.organ_thresholds:
+        source = ("the predicted organ's threshold, chosen on validation; this global one where an organ had too few "
+                  "validation images")
+    else:
+        source = "the run's operating point"
+    table = {organ: {"threshold": row["threshold"], "source": row["source"], "n_malignant": row.get("n_malignant"),
+                     "n_benign": row.get("n_benign")}
+             for organ, row in run.organ_thresholds.items()} if predictor.organ_thresholds else {}
+    return {"threshold": predictor.threshold, "threshold_source": source, "organ_thresholds": table,
+            "target_sensitivity": run.calibration.get("target_sensitivity")}
+
+
+def _at_threshold(y_true, probs, labels, threshold: float, resamples: int) -> dict[str, Any]:
+    """Sensitivity and specificity of the cancer head at one ``threshold`` for every image, with intervals."""
+    positive = list(labels).index(POSITIVE_LABEL)
+    ci = classification_intervals(y_true, probs, positive=positive, threshold=threshold, n_resamples=resamples,
+                                  seed=BOOTSTRAP_SEED)
+    sensitivity, specificity = cal.sensitivity_specificity(np.asarray(probs)[:, positive],
+                                                           np.asarray(y_true) == positive, threshold)
+    return {"threshold": float(threshold), "sensitivity": sensitivity, "specificity": specificity,
+            "ci95": {"sensitivity": ci["sensitivity"], "specificity": ci["specificity"]}}
+
+
+def _per_organ(manifest: pd.DataFrame, y_true, probs, labels, applied: np.ndarray, *, predictor,
+               organ_labels: Sequence[str], target: float | None) -> dict[str, Any]:
+    """Per TRUE organ: :func:`per_organ_accuracy` at the operating point (each image at the threshold it was decided
+    with), the organ's own threshold, the same at the global threshold when per-organ ones applied, exact binomial
+    intervals, and ``below_target`` (sensitivity below ``target``; None where undefined)."""
     positive = list(labels).index(POSITIVE_LABEL)
     organ_ids = manifest["organ_id"].to_numpy()
-    decision = np.where(probs[:, positive] >= threshold, positive, 1 - positive)
-    table = per_organ_accuracy(organ_ids, y_true, decision, ORGAN_LABELS, positive=positive)
+    y_true, p_malignant = np.asarray(y_true), np.asarray(probs)[:, positive]
+    decision = np.where(p_malignant >= applied, positive, 1 - positive)
+    table = per_organ_accuracy(organ_ids, y_true, decision, organ_labels, positive=positive)
     for organ, row in table.items():
-        rows = organ_ids == ORGAN_LABELS.index(organ)
-        ci = classification_intervals(np.asarray(y_true)[rows], probs[rows], positive=positive,
-                                          threshold=threshold, n_resamples=resamples, seed=BOOTSTRAP_SEED)
-        row["ci95"] = {k: ci.get(k) for k in ("accuracy", "sensitivity", "specificity")}
+        rows = organ_ids == list(organ_labels).index(organ)
+        truth = y_true[rows] == positive
+        own = predictor.organ_thresholds.get(organ)
+        row.update(threshold=predictor.threshold if own is None else own,
+                   threshold_source=predictor.threshold_source if own is None else "organ",
+                   ci95=_proportion_intervals(truth, decision[rows] == positive))
+        if predictor.organ_thresholds:
+            called = p_malignant[rows] >= predictor.threshold
+            row["at_global"] = {"sensitivity": float(called[truth].mean()) if truth.any() else None,
+                                "specificity": float(1 - called[~truth].mean()) if (~truth).any() else None,
+                                "ci95": _proportion_intervals(truth, called)}
+        row["below_target"] = (None if target is None or row["sensitivity"] is None
+                               else bool(row["sensitivity"] < target))
     return table
+
+
+def _proportion_intervals(truth: np.ndarray, called: np.ndarray) -> dict[str, list[float] | None]:
+    """Exact binomial intervals of accuracy, sensitivity and specificity of the calls ``called`` (Malignant)."""
+    return {"accuracy": proportion_interval(int(np.sum(called == truth)), len(truth)),
+            "sensitivity": proportion_interval(int(np.sum(called & truth)), int(truth.sum())),
+            "specificity": proportion_interval(int(np.sum(~called & ~truth)), int((~truth).sum()))}
 
 
 def _ood_rate(flagged: np.ndarray, manifest: pd.DataFrame, threshold: float, resamples: int) -> dict[str, Any]:
@@ -360,7 +421,11 @@ def _task_figures(task: str, result: dict[str, Any], y_true, probs, raw, out: Pa
     if result.get("roc_auc") is not None:
         figures["roc_curve"] = f"roc_{task}.png"
         pos = result["labels"].index(result["positive_label"])
-        points = {f"threshold {result['threshold']:.2f}": (result["sensitivity"], result["specificity"])}
+        chosen = "per-organ thresholds" if result.get("organ_thresholds") else f"threshold {result['threshold']:.2f}"
+        points = {chosen: (result["sensitivity"], result["specificity"])}
+        if "at_global" in result:
+            points[f"global {result['threshold']:.2f}"] = (result["at_global"]["sensitivity"],
+                                                           result["at_global"]["specificity"])
         if "at_0.5" in result:
             points["0.5"] = (result["at_0.5"]["sensitivity"], result["at_0.5"]["specificity"])
         roc_figure(np.asarray(y_true) == pos, probs[:, pos], out / figures["roc_curve"],

@@ -49,6 +49,29 @@ def overlap_note(overlap: dict[str, Any] | None) -> str | None:
             "optimistic numbers; evaluate the test split or images the run has not seen")
 
 
+def below_target_note(cancer: dict[str, Any]) -> str | None:
+    """One sentence naming every organ whose cancer sensitivity (at its operating point) is below the run's target,
+    with its interval and number of malignant images; None when there is none (or no target)."""
+    weak = [(organ, cancer["per_organ"][organ]) for organ in cancer.get("organs_below_target", [])]
+    if not weak:
+        return None
+    shown = "; ".join(f"{organ} {with_interval(row, 'sensitivity')} on {row['n_malignant']} malignant image(s)"
+                      for organ, row in weak)
+    return (f"sensitivity below the target {cancer['target_sensitivity']:.2f} in {len(weak)} organ(s): {shown}. "
+            "Malignant images of these organs are missed more often than the operating point promises")
+
+
+def organ_thresholds_note(cancer: dict[str, Any]) -> str | None:
+    """One sentence listing the per-organ thresholds the cancer head decided with, or None without them."""
+    table = cancer.get("organ_thresholds") or {}
+    if not table:
+        return None
+    shown = ", ".join(f"{organ} {row['threshold']:.3f}" + ("" if row["source"] == "organ" else " (global)")
+                      for organ, row in table.items())
+    return (f"Per-organ thresholds, applied by the PREDICTED organ: {shown}. (global): fewer than the needed "
+            "malignant and benign validation images of that organ, so the global threshold applies")
+
+
 def _where(metrics: dict[str, Any]) -> str:
     source = metrics["source"]
     if source["kind"] == "split":
@@ -97,7 +120,13 @@ def _task_section(task: str, m: dict[str, Any]) -> list[str]:
     lines = ["", f"## {task}", ""]
     if task == "cancer":
         lines += [f"Malignant when P(Malignant) >= **{m['threshold']:.3f}** ({m['threshold_source']}).", ""]
+        note = organ_thresholds_note(m)
+        lines += [note + ".", ""] if note else []
     lines += _markdown([[HEADLINE[k], with_interval(m, k)] for k in keys], ["metric", "value (95% interval)"])
+    if "at_global" in m:
+        lines += ["", f"At the global threshold {m['threshold']:.3f} for every image instead: sensitivity "
+                      f"{with_interval(m['at_global'], 'sensitivity')}, specificity "
+                      f"{with_interval(m['at_global'], 'specificity')}."]
     if "at_0.5" in m:
         half = m["at_0.5"]
         lines += ["", f"At the conventional 0.5 instead: sensitivity {with_interval(half, 'sensitivity')}, "
@@ -109,12 +138,28 @@ def _task_section(task: str, m: dict[str, Any]) -> list[str]:
                  for label, v in m["per_class"].items()]
     lines += [*_markdown(per_class, ["class", "precision", "recall", "F1", "images"]), ""]
     if "per_organ" in m:
-        rows = [[organ, v["n"], v["n_malignant"], with_interval(v, "accuracy"), with_interval(v, "sensitivity"),
-                 with_interval(v, "specificity")] for organ, v in m["per_organ"].items()]
-        lines += ["Cancer head within each true organ:", "",
-                  *_markdown(rows, ["organ", "images", "malignant", "accuracy", "sensitivity", "specificity"]), ""]
+        lines += _per_organ_section(m)
     lines += [f"![{task} {name.replace('_', ' ')}]({file})" for name, file in m["figures"].items()]
     return lines
+
+
+def _per_organ_section(m: dict[str, Any]) -> list[str]:
+    """The cancer head within each true organ, at its operating point and (with per-organ thresholds) the global
+    one; organs below the target sensitivity are flagged in the table and named below it."""
+    header = ["organ", "images", "malignant", "threshold", "accuracy", "sensitivity", "specificity"]
+    rows = []
+    for organ, v in m["per_organ"].items():
+        row = [organ, v["n"], v["n_malignant"], f"{v['threshold']:.3f} ({v['threshold_source']})",
+               with_interval(v, "accuracy"), with_interval(v, "sensitivity"), with_interval(v, "specificity")]
+        if "at_global" in v:
+            row += [with_interval(v["at_global"], "sensitivity"), with_interval(v["at_global"], "specificity")]
+        rows.append([*row, "**below target**" if v.get("below_target") else ""])
+    if any("at_global" in v for v in m["per_organ"].values()):
+        header += ["sensitivity at global", "specificity at global"]
+    lines = ["Cancer head within each true organ, each image decided at its predicted organ's threshold (exact "
+             "binomial 95% intervals: small organs give wide ones):", "", *_markdown(rows, [*header, "flag"]), ""]
+    note = below_target_note(m)
+    return lines + ([f"> **Below target**: {note}.", ""] if note else [])
 
 
 # ----------------------------------------------------------------------------------------------- MODEL_CARD.md
@@ -190,6 +235,10 @@ def _metrics(metrics: dict[str, Any], calibration: dict[str, Any]) -> list:
         lines += ["", f"- **Operating point:** Malignant when calibrated P(Malignant) >= {cancer['threshold']:.3f}, "
                       f"chosen on the validation split for a target sensitivity of "
                       f"{calibration.get('target_sensitivity', 'n/a')} ({cancer['threshold_source']})."]
+        note = organ_thresholds_note(cancer)
+        lines += [f"- **Per-organ operating points:** {note}."] if note else []
+        weak = below_target_note(cancer)
+        lines += [f"- **Below the target sensitivity:** {weak}."] if weak else []
     temperatures = calibration.get("temperatures", {})
     if temperatures:
         lines.append("- **Calibration:** temperature scaling per head on the validation split (" +
@@ -218,5 +267,8 @@ def _limitations(run: RunInfo, metrics: dict[str, Any], split: pd.DataFrame, syn
     note = overlap_note(metrics.get("overlap"))
     if note:
         lines.append(f"- {note}.")
+    weak = metrics.get("cancer", {}).get("organs_below_target")
+    if weak:
+        lines.append(f"- Cancer sensitivity is below the target in: {', '.join(weak)} (see Metrics).")
     lines.append("- Small evaluation sets give wide intervals: read the intervals, not the point values.")
     return lines + [""]
