@@ -452,8 +452,8 @@ def _hostile_upload(port: int, *, chunk: int, pause: float, deadline: float) -> 
                 head = b"--b\r\nContent-Disposition: form-data; name=files; filename=p%d.png\r\n\r\n" % part
                 sock.sendall(b"%x\r\n%s\r\n" % (len(head), head))
                 for _ in range(19 * 1024 * 1024 // chunk):
-                    if select.select([sock], [], [], 0)[0]:
-                        return sock.recv(100).split(b"\r\n")[0].decode()  # the server answered
+                    if select.select([sock], [], [], 0)[0]:  # the server answered, or closed
+                        return sock.recv(100).split(b"\r\n")[0].decode() or "closed (EOF)"
                     if time.monotonic() > deadline:
                         return "still sending at the deadline"
                     sock.sendall(b"%x\r\n" % chunk + b"\0" * chunk + b"\r\n")
@@ -467,9 +467,10 @@ def _hostile_upload(port: int, *, chunk: int, pause: float, deadline: float) -> 
 def test_slow_never_ending_uploads_keep_memory_bounded_and_others_are_answered(joint_run, predictor, images):
     """Issue 21's memdos pattern against uvicorn on 127.0.0.1: three clients each start a chunked multipart upload
     of 63 x 19 MB and never finish it (one as fast as the server reads, one at ~12 MB/s, one trickling). Without
-    limits they took the server from 1.3 to 4.9 GB. Here the fast one is cut off at the per-request limit (413),
-    the slow ones at the body time limit (408, scaled down from 60 s to 3 s); a normal client is answered
-    meanwhile, and the server's RSS never grows by 300 MB."""
+    limits they took the server from 1.3 to 4.9 GB. Here each is cut off by a limit: the fast one at the
+    per-request 64 MB (413; 408 on a machine too busy to read 64 MB in time), the slow ones at the body time limit
+    (408, scaled down from 60 s to 3 s); a normal client is answered meanwhile, and the server's peak RSS never
+    grows by 300 MB (the issue's bound; about +40 MB measured)."""
     import threading
     import time
 
@@ -503,7 +504,8 @@ def test_slow_never_ending_uploads_keep_memory_bounded_and_others_are_answered(j
         print(f"\nslow uploads: RSS {baseline / 2**20:.0f} MB -> peak +{growth:.0f} MB; normal client answered in "
               f"{latency:.2f} s; clients saw {outcomes}; server answered {recorder.seen}")
         assert normal.status_code == 200 and normal.json()["results"][0]["organ"]
-        assert sorted(recorder.seen[1:]) == [200, 408, 408, 413], recorder.seen  # warm-up, normal, 3 attackers
+        statuses = recorder.seen[1:]  # after the warm-up: the normal client and the three attackers
+        assert len(statuses) == 4 and statuses.count(200) == 1 and set(statuses) - {200} <= {408, 413}, statuses
         assert all(o is not None and o.startswith(("HTTP/1.1 4", "closed")) for o in outcomes), outcomes
         assert growth < 300, f"RSS grew by {growth:.0f} MB"
         assert budget.active == budget.buffered == 0
