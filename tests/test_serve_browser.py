@@ -32,13 +32,19 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 
 @pytest.fixture(scope="module")
 def unseen_run(joint_run, tmp_path_factory) -> Path:
-    """A copy of joint_run whose split has no Mouth image in train: the organs-never-seen list must name it."""
+    """A copy of joint_run whose split has no Mouth image in train (the organs-never-seen list must name it) and
+    whose config gives Brain its own malignancy threshold (the operating-point text must list it)."""
     import pandas as pd
 
     run = shutil.copytree(joint_run, tmp_path_factory.mktemp("unseen") / "run")
     split = pd.read_csv(run / "split.csv")
     split.loc[split["subclass"].str.startswith("oral_") & (split["split"] == "train"), "split"] = "val"
     split.to_csv(run / "split.csv", index=False)
+    config = json.loads((run / "config.json").read_text())
+    config["calibration"]["malignancy_thresholds"] = {
+        "Brain": {"threshold": 0.3, "source": "organ", "n_malignant": 12, "n_benign": 10},
+        "Lung": {"threshold": config["calibration"]["malignancy_threshold"], "source": "global"}}
+    (run / "config.json").write_text(json.dumps(config))
     return run
 
 
@@ -164,6 +170,7 @@ def test_a_mixed_upload_shows_each_file_truthfully_in_upload_order(server, brows
     assert f"at least {100 * calibration['target_sensitivity']:.1f}% of malignant images" in about
     assert f"found {100 * calibration['validation']['sensitivity']:.1f}%" in about
     assert f"({calibration['validation']['images']} images)" in about
+    assert "have their own: Brain 30.0%." in about  # Lung falls back to the global one: not listed
     assert "never saw in training: Mouth." in page.inner_text("#about-organs")
     scale = page.locator(".scale i")
     assert scale.is_visible() and "linear-gradient" in scale.evaluate("e => getComputedStyle(e).backgroundImage")
