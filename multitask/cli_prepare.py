@@ -39,9 +39,17 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def print_table(title: str, frame) -> None:
+def print_table(title: str, frame, *, missing: str | None = None) -> None:
+    """``frame`` under ``title``; a missing value shows as "-", and ``missing`` (why) is said once when there is one."""
     print(f"\n{title}")
-    print(frame.to_string())
+    print(with_dashes(frame).to_string())
+    if missing and frame.isna().any(axis=None):
+        print(f"-: {missing}")
+
+
+def with_dashes(frame):
+    """``frame`` with every missing value (NaN, None) as "-", for printing: NaN and None mean nothing to a reader."""
+    return frame.astype(object).where(frame.notna(), "-")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from multitask import settings
-from multitask.cli_prepare import print_table
+from multitask.cli_prepare import print_table, with_dashes
 
 DEMO = settings.defaults(settings.DemoConfig)
 
@@ -29,7 +29,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                            threshold=args.threshold)
     source = metrics["source"]
     print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
-    print_table("metrics", summary_table(metrics))
+    print_table("metrics", summary_table(metrics), missing=MISSING_METRIC)
     for task in metrics["tasks"]:
         for note in metrics[task].get("notes", []):
             print(f"note ({task}): {note}")
@@ -67,7 +67,11 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     add_operating_point_options(p)
 
 
-SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob", "error")
+SAMPLE_COLUMNS = ("true_organ", "organ", "organ_prob", "true_cancer", "cancer", "malignant_prob",
+                  "malignancy_threshold", "ood", "error")
+MISSING_PREDICTION = "no value: the file could not be read (see error), or its answer was withheld (see note)"
+MISSING_METRIC = ("not defined for this head: ROC-AUC, sensitivity and specificity belong to the two-class cancer "
+                  "head")
 PREDICT_ROWS_SHOWN = 50
 
 
@@ -96,7 +100,8 @@ def run_predict(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, predictor=predictor)
         table = frame.set_index(frame["path"].map(os.path.basename).rename("file"))
         print_table(f"{len(frame)} random {args.split} images: true vs predicted",
-                     table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"))
+                     table[[c for c in SAMPLE_COLUMNS if c in table.columns]].round(3).dropna(axis=1, how="all"),
+                     missing=MISSING_PREDICTION)
         hits = [c for c in frame.columns if c.endswith("_hit")]
         print("\n" + ", ".join(f"{c[:-4]} {int(frame[c].sum())}/{len(frame)} correct" for c in hits))
     elif args.shard:
@@ -109,12 +114,15 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.explain:
             frame = predictor.write_explanations(frame, args.explain)
             print(f"wrote Grad-CAM overlays to {args.explain}")
-        per_row = bool(predictor.organ_thresholds)  # the threshold differs by predicted organ: show it per row
+            print_flat_maps(frame, predictor.tasks)
+        per_row = bool(predictor.organ_thresholds)  # the threshold differs by predicted organ: say which per row
         hidden = [c for c in frame.columns if c.startswith(("p_", "explain_"))
-                  or (c in ("malignancy_threshold", "threshold_source") and not per_row)]
-        shown = frame.drop(columns=hidden).round(3).fillna("")
+                  or (c == "threshold_source" and not per_row)]  # P(Malignant) is read against the threshold
+        shown = frame.drop(columns=[*hidden, "cancer_prob"], errors="ignore").round(3)
         if not args.out:
-            print(shown.head(PREDICT_ROWS_SHOWN).to_string(index=False))
+            print(with_dashes(shown.head(PREDICT_ROWS_SHOWN)).to_string(index=False))
+            if shown.head(PREDICT_ROWS_SHOWN).isna().any(axis=None):
+                print(f"-: {MISSING_PREDICTION}")
             if len(frame) > PREDICT_ROWS_SHOWN:
                 print(f"... {len(frame) - PREDICT_ROWS_SHOWN} more rows; pass --out FILE.csv to save them all")
     failed = int(frame["error"].notna().sum())
@@ -130,6 +138,17 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {write_predictions(frame, args.out)}")
     return 0
+
+
+def print_flat_maps(frame, tasks) -> None:
+    """One line when some Grad-CAM overlays are flat maps (all dark: they show no location)."""
+    from multitask.explain import FLAT_NOTE
+
+    flat = {task: int(frame[f"explain_{task}_flat"].fillna(False).astype(bool).sum()) for task in tasks
+            if f"explain_{task}_flat" in frame.columns}
+    if any(flat.values()):
+        counts = ", ".join(f"{n} {task}" for task, n in flat.items() if n)
+        print(f"{counts} overlay(s) are flat (column explain_<head>_flat, titled 'flat map'): {FLAT_NOTE}")
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -270,11 +289,11 @@ def run_demo(args: argparse.Namespace) -> int:
                         verbose=0 if args.quiet else 1)
     result = run_demo(config)
     preview = result.predictions.assign(path=result.predictions["path"].map(os.path.basename))
-    columns = [c for c in ("path", "true_organ", "organ", "organ_prob", "true_cancer", "cancer", "cancer_prob")
-               if c in preview.columns]
+    columns = [c for c in ("path", "true_organ", "organ", "organ_prob", "true_cancer", "cancer", "malignant_prob",
+                           "malignancy_threshold") if c in preview.columns]
     print_table("predictions for a few test images", preview[columns].round(3).set_index("path"))
     print_table(f"test split metrics ({result.metrics['n_images']} images; the data is SYNTHETIC)",
-                 summary_table(result.metrics))
+                 summary_table(result.metrics), missing=MISSING_METRIC)
     verdict = "PASS" if result.passed else "BELOW TARGET"
     print(f"\n{verdict}: accuracy >= {PASS_ACCURACY:.2f} on both heads is the demo's bar; took {result.seconds:.0f} s")
     print(f"data         {result.data_dir}")

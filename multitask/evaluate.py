@@ -200,6 +200,7 @@ def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *,
     for k, label in enumerate(labels):
         result["per_class"][label]["ci95"] = {"precision": ci.pop(f"precision/{k}"), "recall": ci.pop(f"recall/{k}")}
     result["ci95"] = ci
+    _exact_intervals_for_small_groups(result)
     if task == "cancer" and np.any(np.asarray(threshold) != 0.5):
         half = classification_intervals(y_true, probs, positive=positive, threshold=0.5, n_resamples=resamples,
                                             seed=seed)
@@ -207,6 +208,8 @@ def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *,
                                                                np.asarray(y_true) == positive, 0.5)
         result["at_0.5"] = {"sensitivity": sensitivity, "specificity": specificity,
                             "ci95": {"sensitivity": half["sensitivity"], "specificity": half["specificity"]}}
+        _exact_rates_for_small_groups(result["at_0.5"], np.asarray(probs)[:, positive] >= 0.5,
+                                      np.asarray(y_true) == positive)
     return result
 
 
@@ -241,7 +244,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         "n_images": len(manifest), "source": source, "run": str(run.path), "image_size": run.image_size,
         "tasks": list(run.tasks), "unreadable": unreadable, "calibrated": calibrated,
         "bootstrap": {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": 0.95,
-                      "stratified_by": "true class of each head"},
+                      "stratified_by": "true class of each head", "small_groups": SMALL_GROUP_RULE},
         "overlap": overlap_counts(None if seen_as is None else seen_as[~failed]),
     }
     for task in run.tasks:
@@ -263,6 +266,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
             result["organs_below_target"] = [organ for organ, row in result["per_organ"].items()
                                              if row["below_target"]]
         result["figures"] = _task_figures(task, result, y_true, probs, raw, out)
+        result["temperature"] = run.temperatures[task] if calibrated else 1.0
+        if calibrated and run.calibration.get("notes", {}).get(task):  # why this head kept T = 1
+            result["calibration_note"] = run.calibration["notes"][task]
         metrics[task] = result
     if "ood" in predicted.columns:
         metrics["ood"] = _ood_rate(predicted["ood"].to_numpy(bool), manifest, predictor.ood_threshold, resamples)
@@ -368,9 +374,58 @@ def _proportion_intervals(truth: np.ndarray, called: np.ndarray) -> dict[str, li
             "specificity": proportion_interval(int(np.sum(~called & ~truth)), int((~truth).sum()))}
 
 
+MIN_BOOTSTRAP_IMAGES = 20
+SMALL_GROUP_RULE = (f"a proportion (accuracy, sensitivity, specificity, per-class precision and recall, the OOD rate) "
+                    f"on fewer than {MIN_BOOTSTRAP_IMAGES} images, or one of 0% or 100% (which no resample can move), "
+                    "gets the exact (Clopper-Pearson) binomial interval, since a percentile bootstrap collapses there "
+                    f"(9 of 9 right: 1.000-1.000); other metrics on fewer than {MIN_BOOTSTRAP_IMAGES} images get no "
+                    "interval")
+
+
+def _needs_exact(successes: int, n: int) -> bool:
+    """Whether a proportion's bootstrap interval would mislead (SMALL_GROUP_RULE): few images, or all or none."""
+    return n > 0 and (n < MIN_BOOTSTRAP_IMAGES or successes in (0, n))
+
+
+def _exact_intervals_for_small_groups(result: dict[str, Any]) -> None:
+    """Replace the bootstrap intervals of proportions whose denominator is below :data:`MIN_BOOTSTRAP_IMAGES` by exact
+    binomial ones, and drop the other metrics' intervals when the whole head saw that few (see SMALL_GROUP_RULE)."""
+    matrix = np.asarray(result["confusion_matrix"], np.int64)
+    ci = result["ci95"]
+    hits = np.diagonal(matrix)
+    if matrix.sum() < MIN_BOOTSTRAP_IMAGES:
+        ci.update({key: None for key in ci if key != "accuracy"})
+    if _needs_exact(int(hits.sum()), int(matrix.sum())):
+        ci["accuracy"] = proportion_interval(int(hits.sum()), int(matrix.sum()))
+    recall = {}
+    for k, label in enumerate(result["labels"]):
+        intervals = result["per_class"][label]["ci95"]
+        support, called = int(matrix[k].sum()), int(matrix[:, k].sum())
+        if _needs_exact(int(hits[k]), support):
+            intervals["recall"] = recall[label] = proportion_interval(int(hits[k]), support)
+        if _needs_exact(int(hits[k]), called):
+            intervals["precision"] = proportion_interval(int(hits[k]), called)
+    if "positive_label" in result:  # sensitivity and specificity are the two classes' recalls
+        positive = result["positive_label"]
+        negative = next(label for label in result["labels"] if label != positive)
+        for key, label in (("sensitivity", positive), ("specificity", negative)):
+            if label in recall:
+                ci[key] = recall[label]
+
+
+def _exact_rates_for_small_groups(rates: dict[str, Any], called: np.ndarray, truth: np.ndarray) -> None:
+    """Exact intervals of ``rates``' sensitivity / specificity (calls ``called`` against ``truth``) whose class has
+    fewer than :data:`MIN_BOOTSTRAP_IMAGES` images."""
+    for key, members, right in (("sensitivity", truth, called), ("specificity", ~truth, ~called)):
+        if _needs_exact(int((right & members).sum()), int(members.sum())):
+            rates["ci95"][key] = proportion_interval(int((right & members).sum()), int(members.sum()))
+
+
 def _ood_rate(flagged: np.ndarray, manifest: pd.DataFrame, threshold: float, resamples: int) -> dict[str, Any]:
     ci = bootstrap_intervals({"fraction": lambda f: float(np.mean(f))}, flagged.astype(float),
                                  strata=manifest["organ_id"].to_numpy(), n_resamples=resamples, seed=BOOTSTRAP_SEED)
+    if _needs_exact(int(flagged.sum()), len(flagged)):  # SMALL_GROUP_RULE
+        ci = {"fraction": proportion_interval(int(flagged.sum()), len(flagged))}
     return {"threshold": threshold, "n_flagged": int(flagged.sum()), "fraction": float(flagged.mean()), "ci95": ci}
 
 
@@ -390,10 +445,16 @@ def explain_figure(predictor, manifest: pd.DataFrame, predicted: pd.DataFrame, *
         images.append(batch)
         for task in predictor.tasks:
             cams[task].append(heatmaps[task])
+    from multitask.explain import is_flat
+
+    cams = {t: np.concatenate(v) for t, v in cams.items()}
+    flat = {t: [is_flat(cam) for cam in cams[t]] for t in predictor.tasks}
     titles = [{"input": Path(manifest.at[r, "path"]).name[:28],
-               **{t: f"{t}: {manifest.at[r, t]} -> {predicted.at[r, t]}" for t in predictor.tasks}} for r in rows]
-    save_grid(np.concatenate(images), {t: np.concatenate(v) for t, v in cams.items()}, titles, path)
-    return {"n": len(rows), "figure": path.name, "layer": predictor.gradcam.layer}
+               **{t: f"{t}: {manifest.at[r, t]} -> {predicted.at[r, t]}" + (" (flat map)" if flat[t][i] else "")
+                  for t in predictor.tasks}} for i, r in enumerate(rows)]
+    save_grid(np.concatenate(images), cams, titles, path)
+    return {"n": len(rows), "figure": path.name, "layer": predictor.gradcam.layer,
+            "flat": {t: int(sum(v)) for t, v in flat.items()}}
 
 
 def _evaluation_set(run: RunInfo, *, data, split: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, str]]:

@@ -26,6 +26,16 @@ from multitask.model import model_parts
 
 DEFAULT_LAYER = "mixed10"
 MIN_MAP_SIZE = 3
+FLAT_RANGE = 0.05  # a heatmap whose values span less than this is flat: it shows no place (all dark: nothing at all)
+FLAT_NOTE = ("flat map: no region of the image raised the explained class's score, so the overlay shows no "
+             "location (it is not a sign that the head looked nowhere in particular)")
+
+
+def is_flat(heatmap) -> bool:
+    """Whether a [0, 1] heatmap is flat (all dark when nothing spoke for the explained class: Grad-CAM's ReLU leaves
+    zeros everywhere), and so says nothing about where the head looked."""
+    values = np.asarray(heatmap, np.float64)
+    return bool(values.size == 0 or np.ptp(values) < FLAT_RANGE)
 
 
 def choose_layer(backbone) -> str:

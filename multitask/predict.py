@@ -2,16 +2,18 @@
 
 The output is a DataFrame with one row per input file, in input order::
 
-    path, organ, organ_prob, cancer, cancer_prob, malignancy_threshold, threshold_source, ood_score, ood, note,
-    p_organ_<Label>..., p_cancer_<Label>..., error
+    path, organ, organ_prob, cancer, malignant_prob, malignancy_threshold, threshold_source, ood_score, ood, note,
+    p_organ_<Label>..., p_cancer_<Label>..., cancer_prob, error
 
 ``organ`` is the most probable organ and ``organ_prob`` its probability. ``cancer`` is Malignant when
 P(Malignant) >= ``malignancy_threshold``, the operating point that applied to that row, chosen on validation
 for a target sensitivity; ``threshold_source`` says which: ``organ`` (the PREDICTED organ's own threshold),
 ``global`` (the run's threshold over all organs: a single-task run, an organ with too few validation images, a
 run older than per-organ thresholds), ``given`` (``threshold=``, i.e. ``--threshold``, overrides all) or
-``default`` (0.5: a run without an operating point, or uncalibrated probabilities). ``cancer_prob`` is the
-probability of the answer. ``p_<task>_<Label>``
+``default`` (0.5: a run without an operating point, or uncalibrated probabilities). ``malignant_prob`` is
+P(Malignant), whatever the answer, to read against that threshold (the probability of the decided class put
+"Malignant 0.434" beside "Benign 0.432"); ``cancer_prob``, near the end, is still the decided class's probability,
+for API clients. ``p_<task>_<Label>``
 are every class's probabilities (each task's sum to 1). Probabilities are calibrated (temperature-scaled per head)
 unless the predictor was made with ``calibrated=False``. ``ood_score`` says how unlike the training images the
 input is, and ``ood`` whether it exceeds the run's threshold; with ``reject_ood`` such rows get no ``organ`` or
@@ -248,7 +250,8 @@ class Predictor:
             threshold, source = self.thresholds_for(columns.get("organ", [None] * n))  # the PREDICTED organ's
             decision = np.where(p_malignant >= threshold, malignant, 1 - malignant)
             columns["cancer"] = np.where(done, np.asarray(self.labels["cancer"], object)[decision], None)
-            columns["cancer_prob"] = np.where(decision == malignant, p_malignant, 1 - p_malignant)
+            columns["malignant_prob"] = p_malignant
+            decided_prob = np.where(decision == malignant, p_malignant, 1 - p_malignant)
             columns["malignancy_threshold"], columns["threshold_source"] = threshold, source
         note = np.full(n, None, object)
         if self.ood_threshold is not None:
@@ -264,6 +267,8 @@ class Predictor:
         for task in self.tasks:
             for j, label in enumerate(self.labels[task]):
                 columns[probability_column(task, label)] = probs[task][:, j]
+        if "cancer" in self.tasks:
+            columns["cancer_prob"] = decided_prob
         columns["error"] = list(errors)
         return pd.DataFrame(columns)
 
@@ -309,14 +314,15 @@ class Predictor:
 
     def write_explanations(self, frame: pd.DataFrame, out_dir: str | os.PathLike, *,
                            batch_size: int = 16) -> pd.DataFrame:
-        """Write one overlay PNG per head for every predicted row of ``frame``; add ``explain_<task>`` columns."""
-        from multitask.explain import save_overlay
+        """Write one overlay PNG per head for every predicted row of ``frame``; add ``explain_<task>`` columns and
+        ``explain_<task>_flat`` (the map is flat, all dark: it shows no location; see multitask.explain.is_flat)."""
+        from multitask.explain import is_flat, save_overlay
 
         out_dir = Path(out_dir)
         frame = frame.copy()
         readable = frame.index[frame["error"].isna()]
         for task in self.tasks:
-            frame[f"explain_{task}"] = None
+            frame[f"explain_{task}"], frame[f"explain_{task}_flat"] = None, None
         files = frame.loc[readable, "path"].tolist()
         decided = self.decided_classes(frame.loc[readable])
         for index, images, cams, _ in self.heatmaps(files, batch_size=batch_size, classes=decided):
@@ -324,9 +330,12 @@ class Predictor:
                 row = readable[i]
                 stem = f"{row:05d}_{Path(files[i]).stem}"
                 for task in self.tasks:
-                    title = f"{task}: {frame.at[row, task]} ({frame.at[row, f'{task}_prob']:.2f})"
+                    probability = frame.at[row, "malignant_prob" if task == "cancer" else f"{task}_prob"]
+                    flat = is_flat(cams[task][i])
+                    title = (f"{task}: {frame.at[row, task]} (" + ("P(Malignant) " if task == "cancer" else "")
+                             + f"{probability:.2f})" + (" - flat map, no location" if flat else ""))
                     path = save_overlay(image, {task: cams[task][i]}, {task: title}, out_dir / f"{stem}_{task}.png")
-                    frame.at[row, f"explain_{task}"] = str(path)
+                    frame.at[row, f"explain_{task}"], frame.at[row, f"explain_{task}_flat"] = str(path), flat
         return frame
 
 

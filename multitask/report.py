@@ -4,6 +4,7 @@ metrics, never by hand."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,39 @@ def organ_thresholds_note(cancer: dict[str, Any]) -> str | None:
             "malignant and benign validation images of that organ, so the global threshold applies")
 
 
+def calibration_sentence(metrics: dict[str, Any]) -> str:
+    """Which heads' probabilities are calibrated, and why a head kept its raw ones (T = 1: its fitted temperature
+    did not lower the validation ECE)."""
+    if not metrics["calibrated"]:
+        return "Probabilities are uncalibrated (raw softmax)."
+    kept = [t for t in metrics["tasks"] if not metrics[t].get("calibration_note")]
+    text = (f"Probabilities are calibrated (temperature-scaled) for the {' and '.join(kept)} "
+            f"head{'s' if len(kept) > 1 else ''}." if kept else "")
+    notes = [f"The {t} head is {metrics[t]['calibration_note']}." for t in metrics["tasks"]
+             if metrics[t].get("calibration_note")]
+    return " ".join([text, *notes]).strip()
+
+
+def flat_maps_note(explain: dict[str, Any]) -> list[str]:
+    """Report lines that name the heads whose Grad-CAM maps were flat (titled "(flat map)" in the figure)."""
+    from multitask.explain import FLAT_NOTE
+
+    flat = {task: n for task, n in explain.get("flat", {}).items() if n}
+    if not flat:
+        return []
+    counts = ", ".join(f"{n} of the {explain['n']} {task} maps" for task, n in flat.items())
+    return ["", f"> **Flat maps**: {counts} (titled \"flat map\"): {FLAT_NOTE}."]
+
+
+def data_root(settings: dict[str, Any], split: pd.DataFrame) -> str:
+    """The folder the run's images came from: ``--data``, else the folder above the type folders of the split's
+    files (``<root>/<Type>/<subclass>/<file>``), never the split CSV itself."""
+    if settings.get("data"):
+        return str(settings["data"])
+    parents = {os.path.dirname(os.path.dirname(os.path.dirname(str(path)))) for path in split["path"]}
+    return os.path.commonpath(sorted(parents)) if parents else "n/a"
+
+
 def _where(metrics: dict[str, Any]) -> str:
     source = metrics["source"]
     if source["kind"] == "split":
@@ -86,10 +120,10 @@ def render_report(metrics: dict[str, Any]) -> str:
     """The markdown report of a metrics dict from :func:`multitask.evaluate.evaluate_run`."""
     boot = metrics["bootstrap"]
     lines = [f"# Evaluation of `{metrics['run']}`", "",
-             f"{metrics['n_images']} images: {_where(metrics)}, at {metrics['image_size']} px. Probabilities are "
-             f"{'calibrated (temperature-scaled per head)' if metrics['calibrated'] else 'uncalibrated (raw softmax)'}."
-             f" Intervals are 95% bootstrap intervals ({boot['resamples']:,} resamples of the evaluated images, "
-             f"stratified by true class, seed {boot['seed']}).", ""]
+             f"{metrics['n_images']} images: {_where(metrics)}, at {metrics['image_size']} px. "
+             f"{calibration_sentence(metrics)} Intervals are 95% bootstrap intervals ({boot['resamples']:,} "
+             f"resamples of the evaluated images, stratified by true class, seed {boot['seed']})"
+             + (f"; {boot['small_groups']}." if boot.get("small_groups") else "."), ""]
     note = overlap_note(metrics.get("overlap"))
     if note:
         lines += [f"> **Warning**: {note}.", ""]
@@ -112,6 +146,7 @@ def render_report(metrics: dict[str, Any]) -> str:
                   f"Grad-CAM on InceptionV3's `{metrics['explain']['layer']}` block for the predicted class of each "
                   f"head, {metrics['explain']['n']} images (titles: true -> predicted).", "",
                   f"![Grad-CAM per head]({metrics['explain']['figure']})"]
+        lines += flat_maps_note(metrics["explain"])
     return "\n".join(lines) + "\n"
 
 
@@ -198,8 +233,9 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:
     counts = pd.crosstab(split["subclass"], split["split"]).reindex(columns=["train", "val", "test"], fill_value=0)
     lines = ["## Training data", "",
-             f"- **Root:** `{settings.get('data') or settings.get('split_file')}`"
-             + (" (**SYNTHETIC** demo images: these numbers say nothing about medical images)" if synthetic else ""),
+             f"- **Root:** `{data_root(settings, split)}`"
+             + (" (**SYNTHETIC** demo images: these numbers say nothing about medical images)" if synthetic else "")
+             + (f"; the split was read from `{settings['split_file']}`" if settings.get("split_file") else ""),
              f"- **Split:** `{split['split_method'].iloc[0] if 'split_method' in split else 'given'}`, "
              f"{len(split)} images: " + ", ".join(f"{k} {int(v)}" for k, v in counts.sum().items()) + "."]
     if audit is not None:
@@ -208,7 +244,8 @@ def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dic
                                                                                   pairs.items())
                      + " near-duplicate pairs across splits.")
     else:
-        lines.append(f"- **Leakage audit:** none found (run `multitask audit-split {run.split_path}`).")
+        lines.append(f"- **Leakage audit:** not run: `multitask audit-split {run.split_path}` counts near-duplicate "
+                     "pairs across train/val/test, and this card shows its result once it has run.")
     rows = [[subclass, *map(int, row)] for subclass, row in counts.iterrows()]
     return lines + ["", *_markdown(rows, ["subclass", "train", "val", "test"]), ""]
 
@@ -242,7 +279,8 @@ def _metrics(metrics: dict[str, Any], calibration: dict[str, Any]) -> list:
     temperatures = calibration.get("temperatures", {})
     if temperatures:
         lines.append("- **Calibration:** temperature scaling per head on the validation split (" +
-                     ", ".join(f"{t} T={v:.3f}" for t, v in temperatures.items()) + ").")
+                     ", ".join(f"{t} T={v:.3f}" for t, v in temperatures.items()) + ")."
+                     + "".join(f" The {t} head is {note}." for t, note in calibration.get("notes", {}).items()))
     if "ood" in metrics:
         lines.append(f"- **Out-of-distribution rate** on these images: {with_interval(metrics['ood'], 'fraction')}.")
     return lines + [""]

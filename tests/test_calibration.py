@@ -65,6 +65,26 @@ def test_fit_temperature_recovers_a_known_overconfidence_and_fixes_ece():
     assert fit_temperature(sharp, sharp_labels) == pytest.approx(0.5, rel=0.10)
 
 
+def test_a_temperature_that_does_not_lower_validation_ece_is_not_kept(monkeypatch):
+    """Issue 20: on the real sample's 160 px run the fitted temperature raised the cancer head's validation ECE
+    (0.071 -> 0.102) and the report still said "calibrated". A run keeps T only where it lowers that ECE."""
+    from multitask import calibration
+
+    sharp, sharp_labels = overconfident_logits(400, factor=3.0)
+    record = calibration.fit_calibration({"organ": sharp}, {"organ": sharp_labels}, tasks=("organ",),
+                                         target_sensitivity=0.95)
+    assert record["temperatures"]["organ"] == pytest.approx(3.0, rel=0.15) and "notes" not in record
+    assert record["validation"]["organ_ece"] < record["validation"]["organ_ece_uncalibrated"]
+
+    calibrated, labels = overconfident_logits(400, factor=1.0, seed=2)
+    monkeypatch.setattr(calibration, "fit_temperature", lambda logits, labels: 4.0)  # far too soft for these
+    record = calibration.fit_calibration({"organ": calibrated}, {"organ": labels}, tasks=("organ",),
+                                         target_sensitivity=0.95)
+    assert record["temperatures"]["organ"] == 1.0 and record["validation"]["organ_temperature_fitted"] == 4.0
+    assert record["validation"]["organ_ece"] == record["validation"]["organ_ece_uncalibrated"]
+    assert "T = 1" in record["notes"]["organ"] and "did not lower the validation ECE" in record["notes"]["organ"]
+
+
 def test_fit_temperature_returns_one_when_there_is_nothing_to_fit(caplog):
     logits, labels = overconfident_logits(100, factor=3.0)
     with caplog.at_level(logging.WARNING, logger="multitask.calibration"):

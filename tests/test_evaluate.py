@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -215,3 +216,43 @@ def test_evaluate_refuses_an_unfinished_run(tmp_path, capsys):
     (tmp_path / "model.keras").write_bytes(b"")
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_report_and_model_card_say_what_was_done(joint_run, demo_data, tmp_path, capsys):
+    """Issue 20, on a copy of the session's joint run whose cancer head kept T = 1 (item 7): the report says which
+    head is calibrated and why the other is not; small groups get exact binomial intervals, never a collapsed
+    "1.000 (1.000-1.000)" (item 8); the card's Root is the data, not the split CSV (item 6), and it does not call
+    an audit that never ran "none found" (item 4); the printed table has "-" and one reason, no NaN (item 10)."""
+    import re
+
+    from multitask.bootstrap import proportion_interval
+
+    run = shutil.copytree(joint_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    note = ("not calibrated (T = 1): the fitted temperature 1.3 did not lower the validation ECE (0.071 -> 0.102), "
+            "so the raw probabilities are kept")
+    config["calibration"]["temperatures"]["cancer"] = 1.0
+    config["calibration"]["notes"] = {"cancer": note}
+    (run / "config.json").write_text(json.dumps(config))
+
+    assert cli.main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "NaN" not in printed and printed.count("-: not defined for this head") == 1
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "Probabilities are calibrated (temperature-scaled) for the organ head." in report
+    assert f"The cancer head is {note}." in report and "per head)" not in report
+    assert metrics["cancer"]["temperature"] == 1.0 and metrics["cancer"]["calibration_note"] == note
+
+    assert "exact (Clopper-Pearson)" in report and not re.search(r"\((\d\.\d{3})-\1\)", report)
+    matrix = np.asarray(metrics["organ"]["confusion_matrix"])
+    for k, label in enumerate(metrics["organ"]["labels"]):
+        if 0 < matrix[k].sum() < 20:  # a small class: its recall's interval is the exact one
+            assert metrics["organ"]["per_class"][label]["ci95"]["recall"] == pytest.approx(
+                proportion_interval(int(matrix[k, k]), int(matrix[k].sum())))
+
+    card = (tmp_path / "eval" / "MODEL_CARD.md").read_text()
+    assert "none found" not in card and "**Leakage audit:** not run" in card
+    root = re.search(r"\*\*Root:\*\* `([^`]*)`", card).group(1)
+    assert not root.endswith(".csv") and Path(root).is_dir() and Path(root).is_relative_to(demo_data)
+    assert f"The cancer head is {note}." in card

@@ -152,3 +152,35 @@ def test_evaluate_explain_adds_a_figure_to_the_report(joint_run, tmp_path):
     assert metrics["explain"]["n"] == 3 and metrics["explain"]["layer"] == "mixed7"  # 75 px: mixed10 is 1x1
     assert (tmp_path / "explain.png").read_bytes()[:4] == b"\x89PNG"
     assert "![Grad-CAM per head](explain.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_flat_map_is_recognised():
+    from multitask.explain import is_flat
+
+    assert is_flat(np.zeros((3, 3)))  # nothing raised the explained class's score: Grad-CAM's ReLU left zeros
+    assert is_flat(np.full((3, 3), 0.7))
+    peaked = np.zeros((3, 3))
+    peaked[1, 2] = 1.0
+    assert not is_flat(peaked)
+
+
+def test_flat_maps_are_named_by_predict_and_evaluate(joint_run, demo_data, tmp_path, monkeypatch, capsys):
+    """Issue 20: an all-dark Grad-CAM (the kidney image's cancer head at 160 px) was shown with no note. Every map
+    is made flat here (the tiny run's real maps may or may not be): predict and evaluate both say so."""
+    from multitask import cli, explain
+    from multitask.evaluate import evaluate_run
+
+    monkeypatch.setattr(explain, "is_flat", lambda heatmap: True)
+    image = next((demo_data / "Multi Cancer" / "Multi Cancer" / "Oral Cancer").rglob("*.jpg"))
+    out = tmp_path / "pred.csv"
+    assert cli.main(["predict", str(joint_run), str(image), "--explain", str(tmp_path / "cams"),
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 organ, 1 cancer overlay(s) are flat" in printed and "shows no location" in printed
+    frame = pd.read_csv(out)
+    assert frame["explain_organ_flat"].tolist() == [True] and frame["explain_cancer_flat"].tolist() == [True]
+
+    metrics = evaluate_run(joint_run, out=tmp_path / "eval", explain=2)
+    assert metrics["explain"]["flat"] == {"organ": 2, "cancer": 2}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "**Flat maps**: 2 of the 2 organ maps, 2 of the 2 cancer maps" in report

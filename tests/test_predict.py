@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -19,10 +20,10 @@ from multitask.synthetic import BAD_FILE_NAMES, generate
 from multitask.taxonomy import CANCER_LABELS, ORGAN_LABELS, load_taxonomy
 
 JOINT_COLUMNS = (
-    ["path", "organ", "organ_prob", "cancer", "cancer_prob", "malignancy_threshold", "threshold_source", "ood_score",
-     "ood", "note"]
+    ["path", "organ", "organ_prob", "cancer", "malignant_prob", "malignancy_threshold", "threshold_source",
+     "ood_score", "ood", "note"]
     + [f"p_organ_{label}" for label in ORGAN_LABELS]
-    + ["p_cancer_Benign", "p_cancer_Malignant", "error"]
+    + ["p_cancer_Benign", "p_cancer_Malignant", "cancer_prob", "error"]
 )
 
 
@@ -58,6 +59,27 @@ def test_predict_cli_on_a_folder_with_bad_files(joint_run, mixed_folder, tmp_pat
     assert "predicted 53 of 56 file(s); 3 unreadable" in capsys.readouterr().out
 
 
+def test_cli_table_shows_p_malignant_and_the_threshold_and_dashes_for_missing(joint_run, mixed_folder, tmp_path,
+                                                                               capsys):
+    """Issue 20: the table showed the decided class's probability ("Malignant 0.434" next to "Benign 0.432") and
+    printed NaN for unreadable files. Now P(Malignant) beside the threshold that decided, and "-" said once why."""
+    folder = tmp_path / "in"  # file names without spaces, so the printed columns split on whitespace
+    folder.mkdir()
+    for i, image in enumerate(sorted(mixed_folder.rglob("*_0001.jpg"))[:4]):
+        shutil.copy(image, folder / f"image{i}.jpg")
+    shutil.copy(next(mixed_folder.rglob(BAD_FILE_NAMES["empty"])), folder / BAD_FILE_NAMES["empty"])
+    assert cli.main(["predict", str(joint_run), str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:6] == ["path", "organ", "organ_prob", "cancer", "malignant_prob", "malignancy_threshold"]
+    assert "cancer_prob" not in header and "NaN" not in "\n".join(lines) and "None" not in "\n".join(lines)
+    empty = next(line for line in lines if BAD_FILE_NAMES["empty"] in line)
+    assert empty.split()[1:5] == ["-"] * 4  # no organ, probability, answer, P(Malignant); the threshold stays
+    assert sum(line.startswith("-: no value") for line in lines) == 1
+    good = next(line.split() for line in lines[1:] if ".jpg" in line and "-" not in line.split()[1:6])
+    assert good[3] == ("Malignant" if float(good[4]) >= float(good[5]) else "Benign")
+
+
 def test_probabilities_sum_to_one_and_answer_at_the_operating_point(predictor, joint_run, mixed_folder):
     frame = predictor.predict([mixed_folder])
     good = frame[frame["error"].isna()]
@@ -73,6 +95,7 @@ def test_probabilities_sum_to_one_and_answer_at_the_operating_point(predictor, j
     malignant = good["p_cancer_Malignant"].to_numpy()
     assert (good["cancer"] == np.where(malignant >= threshold, "Malignant", "Benign")).all()
     np.testing.assert_allclose(good["cancer_prob"], np.where(malignant >= threshold, malignant, 1 - malignant))
+    np.testing.assert_allclose(good["malignant_prob"], malignant)  # P(Malignant) whatever the answer
     table = load_taxonomy().table.set_index("subclass")
     truth = good["path"].map(lambda p: table.loc[p.split(os.sep)[-2], "organ"])  # from the subclass folder
     assert np.mean(good["organ"] == truth) > 0.5  # the trained model is well above chance (0.11)
@@ -110,8 +133,9 @@ def test_single_task_run_has_only_its_columns(cancer_run, mixed_folder, tmp_path
     out = tmp_path / "p.json"
     assert cli.main(["predict", str(cancer_run), str(next(mixed_folder.rglob("all_benign"))), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert list(records[0]) == ["path", "cancer", "cancer_prob", "malignancy_threshold", "threshold_source",
-                                "ood_score", "ood", "note", "p_cancer_Benign", "p_cancer_Malignant", "error"]
+    assert list(records[0]) == ["path", "cancer", "malignant_prob", "malignancy_threshold", "threshold_source",
+                                "ood_score", "ood", "note", "p_cancer_Benign", "p_cancer_Malignant", "cancer_prob",
+                                "error"]
     assert records[0]["threshold_source"] == "global"  # no organ head: the run's global operating point
     empty = next(r for r in records if r["path"].endswith(BAD_FILE_NAMES["empty"]))
     assert empty["cancer"] is None and empty["cancer_prob"] is None and "empty" in empty["error"]
@@ -155,6 +179,8 @@ def test_predict_sample_shows_true_vs_predicted_test_images_only(joint_run, pred
     assert set(shown) <= test_names
     assert "true_organ" in out and "true_cancer" in out
     assert "organ" in out and "/5 correct" in out
+    header = next(line for line in out.splitlines() if "true_organ" in line).split()
+    assert {"malignant_prob", "malignancy_threshold", "ood"} <= set(header) and "cancer_prob" not in header
 
     frame = sample_predictions(joint_run, 1000, split="val", seed=0, predictor=predictor)
     val = split[split["split"] == "val"]
