@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,10 +105,11 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
 
 
 def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
-                    cache_dir: str | os.PathLike, verbose: int = 1, workers=None, decoded: DecodedImages | None = None,
+                    cache_dir: str | os.PathLike, verbose: int = 1, workers=None,
+                    decoded: DecodedImages | Callable[[], DecodedImages] | None = None,
                     jit_compile: bool = False) -> Features:
     """Features of ``paths`` from the cache when its key matches exactly, else computed (from ``decoded`` when
-    given: :func:`extract_features`) and cached atomically.
+    given: :func:`extract_features`; a callable is called only then) and cached atomically.
 
     With ``workers`` (a :class:`multitask.distribute.Workers`, multi-worker training) the cache is used only if
     every worker has it; otherwise each worker computes every ``count``-th image from its ``rank`` on and the
@@ -130,6 +131,7 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
         return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start)
     log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
     if workers is None:
+        decoded = decoded() if callable(decoded) else decoded
         values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size,
                                         verbose=verbose, decoded=decoded, jit_compile=jit_compile)
     else:

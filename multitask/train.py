@@ -92,7 +92,8 @@ class Trainer:
         self.jit_compile = resolve_jit(config.jit_compile, distributed=config.strategy != "default")
         log.info("precision %s, XLA %s", self.precision, "on" if self.jit_compile else "off")
         self.fit_rows: pd.DataFrame | None = None  # the train and val rows, in that order (features, decoded cache)
-        self.decoded: DecodedImages | None = None  # the decoded-image cache of fit_rows' images, if used
+        self.use_decoded = False  # whether --decoded-cache says to read pixels from the decoded-image cache
+        self.decoded: DecodedImages | None = None  # that cache, once opened (see decoded_cache)
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
             with dtype_policy(self.precision):  # only the model: the weighting and the losses stay float32
                 self.model = build_model(config.tasks, config.image_size, config.weights)
@@ -171,17 +172,24 @@ class Trainer:
         """Cached raw features of the train and val rows, standardised by the backbone's (now fitted) scaling."""
         is_train = fit_rows["split"].to_numpy() == "train"
         config, paths = self.config, fit_rows["path"].tolist()
-        if wants_decoded_cache(config.decoded_cache, count=len(paths), image_size=config.image_size,
-                               cache_dir=self.cache_dir, disk_share=DECODED_CACHE_DISK_SHARE,
-                               distributed=self.workers is not None):
-            self.decoded = decoded_images(paths, image_size=config.image_size, cache_dir=self.cache_dir,
-                                          verbose=config.verbose)
+        self.use_decoded = wants_decoded_cache(config.decoded_cache, count=len(paths), image_size=config.image_size,
+                                               cache_dir=self.cache_dir, disk_share=DECODED_CACHE_DISK_SHARE,
+                                               distributed=self.workers is not None)
         features = cached_features(self.parts.backbone, paths, image_size=config.image_size,
                                    batch_size=config.batch_size, cache_dir=self.cache_dir, verbose=config.verbose,
-                                   workers=self.workers, decoded=self.decoded, jit_compile=self.jit_compile)
+                                   workers=self.workers, decoded=self.decoded_cache if self.use_decoded else None,
+                                   jit_compile=self.jit_compile)
         # Standardise with training-set statistics; the fitted layer is part of the saved backbone.
         features.values = fit_feature_scaling(self.parts.backbone, features.values, fit_rows=is_train[features.rows])
         return features
+
+    def decoded_cache(self) -> DecodedImages:
+        """The decoded-image cache of the train and val images, opened (or built) on first use: only when features
+        are computed or fine-tuning runs, never just to be skipped."""
+        if self.decoded is None:
+            self.decoded = decoded_images(self.fit_rows["path"].tolist(), image_size=self.config.image_size,
+                                          cache_dir=self.cache_dir, verbose=self.config.verbose)
+        return self.decoded
 
     # ------------------------------------------------------------------------------------------- phase 1
 
@@ -229,10 +237,11 @@ class Trainer:
         start, config = time.perf_counter(), self.config
         phase_one = [v.numpy() for v in self.parts.backbone.weights + self.parts.heads.weights]
         unreadable = set(features.skipped)  # known from phase 1: leaving them out keeps the epoch length known
+        decoded = self.decoded_cache() if self.use_decoded else None
 
         def dataset(name, training):
-            if self.decoded is not None:  # the train and val rows, in split order, that the cache holds
-                positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), self.decoded.rows)
+            if decoded is not None:  # the train and val rows, in split order, that the cache holds
+                positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), decoded.rows)
                 rows = self.fit_rows.iloc[positions].reset_index(drop=True)
             else:
                 rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
@@ -241,8 +250,8 @@ class Trainer:
             weights = sample_weights(rows, balance) if balance else None
             if weights is not None and config.task != "joint":
                 weights = weights[config.task]
-            if self.decoded is not None:
-                return decoded_dataset(self.decoded, positions, task_labels(rows, config.task),
+            if decoded is not None:
+                return decoded_dataset(decoded, positions, task_labels(rows, config.task),
                                        batch_size=config.batch_size, training=training, seed=config.seed,
                                        sample_weight=weights, augment=make_augmenter(config.seed) if training else None)
             return make_dataset(rows, image_size=config.image_size, batch_size=config.batch_size, task=config.task,

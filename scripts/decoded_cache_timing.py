@@ -13,8 +13,9 @@ once into ``multitask.decoded``'s uint8 array file, then read it, as ``--decoded
 3. ``fine_tune_epoch``: one epoch of the project's fine-tuning (unfrozen from mixed7, BatchNorm frozen, both heads,
    static loss weights, keras-cv augmentation) over the train images, after two untimed warm-up steps.
 
-The two ways alternate ``--repeats`` times (files first), so a machine that others share slows both alike; the JSON
-holds every repeat and the medians.
+Each is wall seconds, and ``*_cpu`` the CPU seconds this process used (all its threads: on a machine that others
+share, the work done is steadier than the wall time). The two ways alternate ``--repeats`` times (files first, then
+cache first, ...), so a machine that others share slows both alike; the JSON holds every repeat and the medians.
 """
 
 from __future__ import annotations
@@ -70,28 +71,28 @@ def main() -> None:
     trainer.compile(optimizer=keras.optimizers.Adam(1e-5))
     start_weights = [np.array(w) for w in model.weights]
 
-    def epoch_seconds(dataset) -> float:
+    def epoch_seconds(dataset) -> tuple[float, float]:
         for variable, value in zip(model.weights, start_weights, strict=True):
             variable.assign(value)
         trainer.fit(dataset.take(2), epochs=1, verbose=0)  # warm-up: traces the step (kept for the next fit)
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         trainer.fit(dataset, epochs=1, verbose=0)
-        return time.perf_counter() - begin
+        return time.perf_counter() - begin, time.process_time() - cpu
 
     labels = task_labels(train_rows, "joint")
     runs: dict[str, list[dict[str, float]]] = {"files": [], "cache": []}
-    for _ in range(args.repeats):
-        for way in ("files", "cache"):
+    for repeat in range(args.repeats):
+        for way in ("files", "cache") if repeat % 2 == 0 else ("cache", "files"):
             row: dict[str, float] = {}
             with tempfile.TemporaryDirectory(prefix="decoded-timing-") as cache_dir:
                 decoded = None
                 if way == "cache":
-                    begin = time.perf_counter()
+                    begin, cpu = time.perf_counter(), time.process_time()
                     decoded = decoded_images(paths, image_size=size, cache_dir=cache_dir, verbose=0)
-                    row["decode"] = time.perf_counter() - begin
-                begin = time.perf_counter()
+                    row["decode"], row["decode_cpu"] = time.perf_counter() - begin, time.process_time() - cpu
+                begin, cpu = time.perf_counter(), time.process_time()
                 extract_features(parts.backbone, paths, image_size=size, batch_size=batch, verbose=0, decoded=decoded)
-                row["features"] = time.perf_counter() - begin
+                row["features"], row["features_cpu"] = time.perf_counter() - begin, time.process_time() - cpu
                 augment = make_augmenter(0)
                 if decoded is None:
                     dataset = make_dataset(train_rows, image_size=size, batch_size=batch, training=True, seed=0,
@@ -99,7 +100,7 @@ def main() -> None:
                 else:
                     dataset = decoded_dataset(decoded, train_positions, labels, batch_size=batch, training=True,
                                               seed=0, augment=augment)
-                row["fine_tune_epoch"] = epoch_seconds(dataset)
+                row["fine_tune_epoch"], row["fine_tune_epoch_cpu"] = epoch_seconds(dataset)
                 del decoded, dataset
             runs[way].append({k: round(v, 2) for k, v in row.items()})
             print(way, runs[way][-1], flush=True)

@@ -151,3 +151,12 @@ def test_features_from_the_cache_match_the_files_and_are_cached_apart(paths, tmp
                         decoded=decoded)
     assert a.path != b.path and not b.reused
     assert json.loads(str(np.load(b.path)["key"]))["pixels"] == "decoded"
+    # Given as a callable (as train does), the cache is opened only when features must be computed.
+    again = cached_features(backbone, paths, image_size=IMAGE_SIZE, batch_size=4, cache_dir=tmp_path, verbose=0,
+                            decoded=lambda: pytest.fail("opened the decoded cache for features that were cached"))
+    assert again.reused and again.path == b.path
+    opened = []
+    fresh = cached_features(backbone, paths, image_size=IMAGE_SIZE + 1, batch_size=4, cache_dir=tmp_path, verbose=0,
+                            decoded=lambda: opened.append(1) or decoded_images(paths, image_size=IMAGE_SIZE + 1,
+                                                                               cache_dir=tmp_path, verbose=0))
+    assert opened == [1] and not fresh.reused
