@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from multitask.errors import TrainingError
-from multitask.files import atomic_path, write_json
+from multitask.files import atomic_path, check_free_space, write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,41 @@ class BestWeights(keras.callbacks.Callback):
             self.best = float(value)
             save_weights(self.model, self.path)
             write_json({"epoch": epoch, "value": self.best}, self.record)
+
+
+class StopBeforeDiskFills(keras.callbacks.Callback):
+    """Raises TrainingError at the end of an epoch, before any of its checkpoints is written, when the run folder's
+    disk has less free space than they need (two checkpoints of model and optimizer: the best and the backup, each
+    written beside the one it replaces, plus a margin for the history and logs).
+
+    Writing HDF5 into a full disk can crash the whole process (a segfault, exit 139) instead of raising; stopping
+    first keeps the run resumable from its last backup: free some space and rerun the same command.
+    """
+
+    MARGIN = 16 * 2**20
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder, self.needed = Path(folder), None
+
+    def checkpoint_bytes(self) -> int:
+        """The size of one checkpoint: every weight and optimizer variable of the model being fitted."""
+        variables = list(self.model.weights)
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            variables += list(optimizer.variables)
+        return sum(math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+                   for v in variables)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.needed is None:  # after the first epoch, when the optimizer's variables exist
+            self.needed = 2 * self.checkpoint_bytes() + self.MARGIN
+        try:
+            check_free_space(self.folder, self.needed, what=f"the checkpoints of epoch {epoch + 1}")
+        except OSError as exc:
+            raise TrainingError(f"stopped at the end of epoch {epoch + 1}, before writing its checkpoints: "
+                                f"{exc.strerror}. The run is resumable: free some space and rerun the same command "
+                                "(it continues from the last saved epoch)") from None
 
 
 class HistoryCsv(keras.callbacks.CSVLogger):

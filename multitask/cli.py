@@ -6,7 +6,8 @@ prints.
 
 Every default and choice comes from the library (:mod:`multitask.settings` and the dataclasses there), so it is
 written once. Library errors (:class:`multitask.errors.MultitaskError`) are printed as one line, with settings
-named by their flags, and exit with status 2; anything unexpected keeps its traceback.
+named by their flags, and exit with status 2, as does a full disk (an OSError ENOSPC or EDQUOT, which names the
+file being written); anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from multitask.cli_use import (
     run_serve,
 )
 from multitask.errors import MultitaskError, cli_message
+from multitask.files import DISK_FULL
 from multitask.startup import quiet_tensorflow
 
 # ----------------------------------------------------------------------------------------------- main
@@ -102,6 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command].run(args) or 0
     except MultitaskError as exc:
         print(f"multitask {args.command}: error: {cli_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        # The free-space checks passed, then the disk filled: writes are atomic, so nothing half-written is left.
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"multitask {args.command}: error: {exc.strerror or 'no space left on device'}{where}; nothing "
+              "half-written was left: free some space (or write somewhere else) and run the command again",
+              file=sys.stderr)
         return 2
 
 

@@ -69,12 +69,12 @@ def add_download(p: argparse.ArgumentParser) -> None:
 
 def run_scan(args: argparse.Namespace) -> int:
     from multitask.data import counts_table, scan_tree
-    from multitask.files import check_writable
+    from multitask.guard import check_output
     from multitask.splits import save_split, split_manifest
     from multitask.taxonomy import load_taxonomy
 
-    if args.out:  # now, not after a grouped split of the full set (~30 minutes)
-        check_writable(args.out, flag="$out")
+    if args.out:  # now, not after a grouped split of the full set (~30 minutes); not in the data, nor a run's file
+        check_output(args.out, flag="$out", data=[args.data])
     taxonomy = load_taxonomy(args.taxonomy)
     result = scan_tree(args.data, taxonomy=taxonomy, verify=args.verify, allow_unknown=args.allow_unknown)
     manifest, report = result.manifest, result.report
@@ -137,14 +137,16 @@ def add_split_options(p: argparse.ArgumentParser, *, seed_help: str = "random se
 def run_audit_split(args: argparse.Namespace) -> int:
     from multitask.audit import audit_split, read_split_table, write_audit
 
+    from multitask.guard import check_output, data_roots
     frame = read_split_table(args.split_csv)
     by = "subclass" if "subclass" in frame.columns else "the whole set (no subclass column)"
+    csv = Path(args.split_csv).resolve()
+    out = Path(args.out) if args.out else csv.parent / f"{csv.stem}_audit"  # one folder per CSV: no overwriting
+    check_output(out, flag="$out", folder=True, data=data_roots(frame["path"]))  # before the work
     print(f"checking {len(frame)} images of {args.split_csv}; candidates within {by}, k={args.k}, "
           f"min inliers {args.min_inliers}")
     audit = audit_split(frame, params=GroupingParams(k=args.k, min_inliers=args.min_inliers), cache_dir=args.cache_dir,
                         workers=args.workers)
-    csv = Path(args.split_csv).resolve()
-    out = Path(args.out) if args.out else csv.parent / f"{csv.stem}_audit"  # one folder per CSV: no overwriting
     written = write_audit(audit, out, examples=args.examples)
     print("\nnear-duplicate pairs across splits (" + ", ".join(f"{s} {n}" for s, n in audit.sizes.items()) + ")")
     for pair, count in audit.counts.items():

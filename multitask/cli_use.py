@@ -76,8 +76,9 @@ PREDICT_ROWS_SHOWN = 50
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from multitask.files import check_writable
+    from multitask.guard import check_output
     from multitask.predict import Predictor, collect_images, sample_predictions, write_predictions
+    from multitask.rundir import open_run
     from multitask.shards import Shard, predict_shard
 
     if args.merge is not None:
@@ -89,10 +90,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.shard and (args.sample is not None or not args.out):
         print("multitask predict: error: --shard K/N needs image PATHs and --out FILE", file=sys.stderr)
         return 2
+    data = open_run(args.run_dir).data_roots()  # outputs go neither into the data nor among a run's files
     if args.out:
-        check_writable(args.out, flag="$out")
+        check_output(args.out, flag="$out", data=data)
     if args.explain:
-        check_writable(args.explain, flag="$explain", folder=True)
+        check_output(args.explain, flag="$explain", folder=True, data=data)
     predictor = Predictor.from_run(args.run_dir, engine=args.engine, calibrated=not args.uncalibrated,
                                    threshold=args.threshold)
     if args.sample is not None:
@@ -152,14 +154,14 @@ def print_flat_maps(frame, tasks) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from multitask.files import check_writable
+    from multitask.guard import check_output
     from multitask.predict import write_predictions
     from multitask.shards import merge_parts
 
     if args.run_dir is not None or args.paths or args.sample is not None or args.shard or not args.out:
         print("multitask predict: error: --merge takes only the PART files and --out FILE", file=sys.stderr)
         return 2
-    check_writable(args.out, flag="$out")
+    check_output(args.out, flag="$out")
     frame = merge_parts(args.merge)
     print(f"merged {len(args.merge)} part(s): {len(frame)} input(s), each exactly once")
     print(f"wrote {write_predictions(frame, args.out)}")

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,12 +49,13 @@ import pandas as pd
 from multitask import calibration as cal
 from multitask.bootstrap import bootstrap_intervals, classification_intervals, proportion_interval
 from multitask.data import scan_tree
-from multitask.errors import DataError
+from multitask.errors import ConfigError, DataError
 from multitask.figures import confusion_figure, reliability_figure, roc_figure
-from multitask.files import check_writable, read_json, write_csv, write_json, write_text
+from multitask.files import read_json, remove_stale_dirs, temp_dir, write_csv, write_json, write_text
 from multitask.filesystem import resolved_paths
+from multitask.guard import check_output
 from multitask.report import overlap_note, render_model_card, render_report
-from multitask.rundir import RunInfo, claim_files, open_run
+from multitask.rundir import RunInfo, claim_files, reading_run
 from multitask.settings import BATCH_SIZE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from multitask.splits import load_split
 from multitask.synthetic import SYNTHETIC_MARK
@@ -65,6 +68,8 @@ REPORT_FILE = "report.md"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 PREDICTIONS_FILE = "eval_predictions.csv"
 EXPLAIN_FILE = "explain.png"
+EVALUATION_MARK = ".multitask-evaluation.json"  # in an --out folder (not a run's): the files evaluate wrote
+EVALUATION_TEMP = "evaluation"  # its temporary folder in --out: .evaluation.tmp-<pid>-XXXX (multitask.files.temp_dir)
 AUDIT_FILE = Path("split_audit") / "audit.json"  # where `multitask audit-split RUN/split.csv` writes
 POSITIVE_LABEL = MALIGNANT  # the positive class of the cancer head
 FIT_SPLITS = ("train", "val")  # the splits a run fits its model on, or selects it with (early stopping)
@@ -221,12 +226,38 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
                  calibrated: bool = True, threshold: float | None = None,
                  resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, model card
-    and figures. ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap."""
+    and figures. ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap.
+
+    The run is read under a shared lock (a ``train --overwrite`` of it is refused meanwhile). ``out`` (default: the
+    run folder) is checked first (:func:`multitask.guard.check_output`: not in the data, not another run's files,
+    a new or empty folder or an earlier evaluation's); everything is written into a temporary folder there and then
+    moved into place as one unit (:func:`_publish`)."""
+    if batch_size < 1:
+        raise ConfigError(f"$batch_size must be at least 1, got {batch_size}")
+    with reading_run(run_dir) as run:
+        out = Path(out).expanduser() if out is not None else run.path
+        check_output(out, flag="$out", folder=True, data=[*run.data_roots(), *([data] if data else [])],
+                     run=run.path, writes=output_names(run.tasks), mark=EVALUATION_MARK)
+        remove_stale_dirs(out, EVALUATION_TEMP)
+        created = not out.exists()
+        stage = temp_dir(out, EVALUATION_TEMP)
+        try:
+            metrics = _evaluate(run, stage, data=data, split=split, batch_size=batch_size, explain=explain,
+                                calibrated=calibrated, threshold=threshold, resamples=resamples)
+            _publish(stage, out, run)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            if created and not any(out.iterdir()):  # a failed evaluation leaves no trace, not even its --out
+                out.rmdir()
+    log.info("wrote %s, %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, out)
+    return metrics
+
+
+def _evaluate(run: RunInfo, out: Path, *, data, split: str, batch_size: int, explain: int, calibrated: bool,
+              threshold: float | None, resamples: int) -> dict[str, Any]:
+    """:func:`evaluate_run`'s work: predict, measure, and write every output into ``out`` (the temporary folder)."""
     from multitask.predict import Predictor
 
-    run = open_run(run_dir)
-    out = Path(out) if out is not None else run.path
-    check_writable(out, flag="$out", folder=True)  # before the work: the default is the run directory
     predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold)  # a bad model fails first
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
     seen_as = training_rows(run, manifest["path"])
@@ -284,11 +315,33 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     audit = read_json(run.path / AUDIT_FILE) if (run.path / AUDIT_FILE).is_file() else None
     write_text(render_model_card(run, metrics, split=split_table, audit=audit, synthetic=_is_synthetic(run)),
                out / MODEL_CARD_FILE)
-    if out.resolve() == run.path.resolve():  # they describe this model: an overwritten run must not keep them
-        claim_files(run.path, sorted({METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, PREDICTIONS_FILE, EXPLAIN_FILE,
-                                      *(f for t in run.tasks for f in metrics[t]["figures"].values())}))
-    log.info("wrote %s, %s, %s and figures to %s", METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, out)
     return metrics
+
+
+def output_names(tasks: Sequence[str]) -> list[str]:
+    """Every file an evaluation may write (figures per task included): what it may replace in its ``out``."""
+    figures = [f"{kind}_{task}.png" for task in tasks for kind in ("confusion", "reliability", "roc")]
+    return [METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, PREDICTIONS_FILE, EXPLAIN_FILE, *figures]
+
+
+def _publish(stage: Path, out: Path, run: RunInfo) -> None:
+    """Move the finished outputs from ``stage`` into ``out`` as one unit. First they are recorded as ours (claimed
+    by the run when ``out`` is its folder, else listed in ``out``'s :data:`EVALUATION_MARK`); then metrics.json,
+    which vouches for the rest, is removed, the other files (and an earlier evaluation's files this one did not
+    write, such as a ROC curve) are replaced, and metrics.json comes last. A kill at any point leaves either the
+    old evaluation whole, or no metrics.json beside a partial set: never new figures beside old metrics."""
+    names = sorted(p.name for p in stage.iterdir())
+    if out.resolve() == run.path.resolve():  # they describe this model: an overwritten run must not keep them
+        claim_files(run.path, names)
+    else:
+        write_json({"run": str(run.path), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": names},
+                   out / EVALUATION_MARK)
+    (out / METRICS_FILE).unlink(missing_ok=True)
+    for name in output_names(run.tasks):
+        if name not in names and os.path.lexists(out / name):
+            (out / name).unlink()
+    for name in [n for n in names if n != METRICS_FILE] + [METRICS_FILE]:
+        os.replace(stage / name, out / name)
 
 
 def training_rows(run: RunInfo, paths: Sequence[str]) -> np.ndarray | None:

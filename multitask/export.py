@@ -15,11 +15,9 @@ An export is written into a temporary sibling folder and renamed only after its 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,9 +30,10 @@ from multitask.data import load_image
 from multitask.engines import Engine, KerasEngine, LiteRtEngine, OnnxEngine, SavedModelEngine
 from multitask.errors import ConfigError, ExportError
 from multitask.extras import require_extra
-from multitask.files import read_json, write_json
+from multitask.files import TEMP_TAG, file_sha256, read_json, remove_stale_dirs, temp_dir, write_json
+from multitask.guard import check_output
 from multitask.inference import OOD_SCORE, inference_model, output_names
-from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run
+from multitask.rundir import EXPORT_DIR, RunInfo, claim_files, open_run, reading_run
 from multitask.settings import ENGINES, EXPORT_CHECK_IMAGES, EXPORT_FORMATS
 from multitask.splits import load_split
 
@@ -88,11 +87,7 @@ def export_dir(run: str | os.PathLike | RunInfo, format: str) -> Path:
 
 def model_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file (model.keras), which tells a stale export from a current one."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | os.PathLike | None = None,
@@ -100,21 +95,30 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     """Export a run as ``format``, check it against the Keras model on the run's own images, then publish it.
 
     Written into a temporary sibling of ``out`` (default ``RUN/export/<format>/``) and renamed only after the
-    self-check passed; a failed check raises :class:`ExportError` and leaves ``out`` as it was.
+    self-check passed; a failed check raises :class:`ExportError` and leaves ``out`` as it was. The run is read
+    under a shared lock (a ``train --overwrite`` of it is refused meanwhile); ``out`` is checked first
+    (:func:`multitask.guard.check_output`), and temporary folders a killed export left beside it are removed.
     """
+    with reading_run(run_dir) as info:
+        return _export(info, format=format, out=out, check_images=check_images)
+
+
+def _export(info: RunInfo, *, format: str, out: str | os.PathLike | None, check_images: int) -> ExportResult:
     start = time.perf_counter()
-    info = run_dir if isinstance(run_dir, RunInfo) else open_run(run_dir)
     format = _check_format(format)
     if format in EXTRA_FORMATS:
         require_extra(f"{format} export")  # before loading and converting (int8: ~20 s)
     out = Path(out).expanduser() if out is not None else export_dir(info, format)
     if check_images < 1:
         raise ExportError(f"--check-images must be positive, got {check_images}")
+    check_output(out, flag="$out", folder=True, data=info.data_roots(), run=info.path)
     _refuse_foreign(out)
+    if out.parent.resolve() == (info.path / EXPORT_DIR).resolve():
+        claim_files(info.path, [EXPORT_DIR])  # first: derived from the model, an overwritten run must not keep it
+    remove_stale_dirs(out.parent, out.name)  # what a killed export left (a whole model each)
     sha = model_sha256(info.model_path)  # before loading: the file the export is known to match
     inference = run_inference_model(info, ood=format not in WITHOUT_OOD)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temp_dir(out.parent, out.name)
     try:
         artifact = tmp / ARTIFACTS[format]
         writer = {"tf_saved_model": _write_saved_model, "onnx": _write_onnx, "int8": _write_int8}[format]
@@ -133,8 +137,6 @@ def export_run(run_dir: str | os.PathLike | RunInfo, *, format: str, out: str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.parent == info.path / EXPORT_DIR:
-        claim_files(info.path, [EXPORT_DIR])  # derived from the model: an overwritten run must not keep it
     log.info("exported %s to %s", format, out)
     return ExportResult(format=format, path=out, artifact=out / ARTIFACTS[format], max_abs_diff=diff,
                         argmax_agreement=agreement, images=len(images), seconds=time.perf_counter() - start)
@@ -246,7 +248,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
     give_default_mode(tmp)  # mkdtemp made it owner-only; the published folder reads like any other
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}{TEMP_TAG}{os.getpid()}-old")  # remove_stale_dirs knows it if we are killed
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

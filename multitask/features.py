@@ -149,15 +149,24 @@ def backbone_precision(backbone) -> str:
 
 
 def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(values, rows) of the cache file at ``path`` if it holds exactly ``key_text``, else None."""
+    """(values, rows) of the cache file at ``path`` if it holds exactly ``key_text`` and arrays of the shapes it
+    promises, else None. A cache is never trusted: a file cut short or with a flipped bit (zipfile's CRC check,
+    ``BadZipFile``), or any other reading error, means it is recomputed, with a warning."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            if str(stored["key"]) == key_text:
-                return stored["values"], stored["rows"]
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, exc)
+            if str(stored["key"]) != key_text:
+                return None
+            values, rows = np.asarray(stored["values"]), np.asarray(stored["rows"])
+        count = json.loads(key_text)["count"]
+        if not (values.ndim == 2 and rows.ndim == 1 and len(values) == len(rows) and rows.dtype.kind in "iu"
+                and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < count)) and np.isfinite(values).all()):
+            raise ValueError(f"arrays of shapes {values.shape} and {rows.shape} do not fit {count} images")
+        return values, rows
+    except Exception as exc:  # noqa: BLE001 - numpy, zipfile and zlib raise many kinds for a damaged file
+        log.warning("ignoring unreadable feature cache %s (%s: %s); recomputing", path, type(exc).__name__,
+                    str(exc)[:160])
     return None
 
 

@@ -5,10 +5,12 @@ imports at module level: every module may use it."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TEMP_TAG = ".tmp-"  # in every temporary name: ".model.tmp-k2j4xa9q.keras" is a half-written model.keras
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write into a full disk (or a full quota) fails with
 
 
 def _umask() -> int:
@@ -56,6 +59,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL:  # name the file the user asked for, not the temporary one
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -163,3 +171,78 @@ def _write_problem(folder: Path) -> str | None:
     os.close(fd)
     os.unlink(name)
     return None
+
+
+# ----------------------------------------------------------------------------------------------- reading safely
+
+
+def open_regular(path: str | os.PathLike, *, max_bytes: int | None = None):
+    """``path`` opened for binary reading when it is a regular file (links followed) of at most ``max_bytes``;
+    OSError saying what it is otherwise. Opened without blocking, so a FIFO put in a file's place is refused at
+    once instead of hanging the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            from multitask.filesystem import file_kind
+
+            raise OSError(errno.EINVAL, f"not a regular file (a {file_kind(info.st_mode)})", str(path))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, more than the {max_bytes:,} expected", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_SHA256_SEEN: dict[tuple, str] = {}  # (device, inode, size, mtime) -> digest: a file is hashed once per process
+
+
+def file_sha256(path: str | os.PathLike, *, max_bytes: int | None = None) -> str:
+    """Hex SHA-256 of a regular file (read through :func:`open_regular`)."""
+    with open_regular(path, max_bytes=max_bytes) as stream:
+        info = os.fstat(stream.fileno())
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if key not in _SHA256_SEEN:
+            digest = hashlib.sha256()
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+            _SHA256_SEEN[key] = digest.hexdigest()
+    return _SHA256_SEEN[key]
+
+
+# ----------------------------------------------------------------------------------------------- temporary folders
+
+
+def temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new temporary folder ``parent/.<name>.tmp-<pid>-XXXX`` to build ``name`` in before it is moved into
+    place; the pid in its name lets :func:`remove_stale_dirs` tell a killed writer's leftovers from a live one's."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}{TEMP_TAG}{os.getpid()}-"))
+
+
+def remove_stale_dirs(parent: str | os.PathLike, name: str) -> list[Path]:
+    """Delete the :func:`temp_dir` folders of ``name`` in ``parent`` whose process is gone (killed mid-write)."""
+    removed = []
+    for folder in Path(parent).glob(f".{name}{TEMP_TAG}*"):
+        pid = folder.name[len(f".{name}{TEMP_TAG}"):].partition("-")[0]
+        if folder.is_dir() and not folder.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d temporary folder(s) left by an interrupted %s in %s", len(removed), name, parent)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

@@ -50,6 +50,10 @@ def walk_files(root: str | os.PathLike, *, keep: Callable[[str], bool],
             continue
         kept, subfolders = [], []
         for entry in entries:
+            if _broken(entry):  # a link loop (ln -s s.jpg s.jpg: ELOOP) or an entry gone since the listing
+                if keep(entry.name):
+                    report.not_regular.append(entry.path)
+                continue
             if entry.is_dir():
                 target = _follow_folder(entry, resolved, tree=tree, walked=walked)
                 if target is None:
@@ -69,6 +73,16 @@ def walk_files(root: str | os.PathLike, *, keep: Callable[[str], bool],
                 kept.append(entry.path)
         stack.extend(reversed(subfolders))
         yield folder, kept
+
+
+def _broken(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` cannot be followed: its kind cannot be told without an error."""
+    try:
+        entry.is_dir()
+        entry.is_file()
+    except OSError:
+        return True
+    return False
 
 
 def _folder_key(path: str) -> tuple[int, int]:

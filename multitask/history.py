@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,10 +11,34 @@ import pandas as pd
 
 from multitask.files import save_figure, write_csv
 
+log = logging.getLogger(__name__)
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """history.csv's rows; an empty table (with an ``epoch`` column) when the file is missing, empty or damaged.
+
+    Keras' CSVLogger creates the file when training starts and writes its first row when the first epoch ends, so
+    a kill, Ctrl-C or a full disk in the first epoch leaves 0 bytes; a kill mid-row leaves a cut last line. Neither
+    may stop a rerun: the history is rebuilt from the epochs that run again (and a cut row is dropped).
+    """
+    empty = pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
+    if not path.is_file() or path.stat().st_size == 0:
+        return empty
+    try:
+        history = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        log.warning("ignoring the damaged history %s (%s)", path, str(exc).splitlines()[0][:120])
+        return empty
+    if "epoch" not in history.columns:
+        log.warning("ignoring the history %s: it has no epoch column", path)
+        return empty
+    epochs = pd.to_numeric(history["epoch"], errors="coerce")
+    return history[epochs.notna()].astype({"epoch": "int64"}).reset_index(drop=True)
+
 
 def tidy_history(path: Path) -> pd.DataFrame:
     """history.csv with one row per epoch (a resumed epoch replaces its interrupted twin), rewritten atomically."""
-    history = pd.read_csv(path).drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    history = read_history(path).drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
     write_csv(history, path)
     return history
 
@@ -31,7 +56,7 @@ def best_value(path: Path, monitor: str, *, since: int) -> float | None:
     """Best ``monitor`` value logged in ``path`` from epoch ``since`` on (None without a history)."""
     if not path.is_file():
         return None
-    row = best_epoch(pd.read_csv(path), monitor, since=since)
+    row = best_epoch(read_history(path), monitor, since=since)
     return None if row is None else float(row[monitor])
 
 

@@ -45,7 +45,7 @@ import pandas as pd
 from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file
 from multitask.engines import Engine
 from multitask.errors import ConfigError, DataError, RunError
-from multitask.files import write_csv, write_json
+from multitask.files import file_sha256, write_csv, write_json
 from multitask.filesystem import WalkReport, is_regular_file, log_walk_report, walk_files
 from multitask.inference import OOD_SCORE
 from multitask.rundir import RunInfo, open_run
@@ -104,6 +104,8 @@ def _images_under(folder: str) -> list[str]:
 class Predictor:
     """A run's inference engine plus its labels, operating point and input size: image files in, a table out."""
 
+    model_sha256: str | None = None  # the run's model file (from_run sets it): what a --shard part records
+
     def __init__(self, engine: Engine, *, labels: dict[str, Sequence[str]], threshold: float | None = None,
                  ood_threshold: float | None = None, model=None, organ_thresholds: Mapping[str, float] | None = None,
                  threshold_source: str | None = None):
@@ -150,8 +152,10 @@ class Predictor:
             threshold, source = info.malignancy_threshold, "global"
             organ_thresholds = {organ: row["threshold"] for organ, row in info.organ_thresholds.items()
                                 if row.get("source") == "organ"}
-        return cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold, model=model,
-                   organ_thresholds=organ_thresholds, threshold_source=source)
+        predictor = cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold,
+                        model=model, organ_thresholds=organ_thresholds, threshold_source=source)
+        predictor.model_sha256 = info.config.get("model_sha256") or file_sha256(info.model_path)
+        return predictor
 
     def thresholds_for(self, organs: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """Per image, the malignancy threshold to decide with and its ``threshold_source``: the predicted organ's
@@ -190,6 +194,9 @@ class Predictor:
         files = [str(f) for f in files]
         if not files:
             raise DataError("no files to predict")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"$batch_size must be a whole number of at least 1, got {batch_size!r}")
+        self.check_reject_ood(reject_ood)
         outputs = {name: None for name in self.engine.output_names}
         done = np.zeros(len(files), bool)
         show = progress if progress is not None else len(files) > 10 * batch_size
@@ -215,9 +222,18 @@ class Predictor:
         errors = [None if ok else problems[path] for path, ok in zip(files, done, strict=True)]
         return self.table(files, outputs, errors, reject_ood=reject_ood)
 
+    def check_reject_ood(self, reject_ood: bool) -> None:
+        """ConfigError when ``reject_ood`` is asked of a predictor without an OOD detector: it would answer every
+        image, unknown ones included, while the caller believes they are withheld."""
+        if reject_ood and self.ood_threshold is None:
+            raise ConfigError("$reject_ood needs the run's out-of-distribution detector, and this predictor has none "
+                              "(a run without ood.json, or an engine without ood_score such as int8), so every image "
+                              "would be answered: drop $reject_ood, or use a run and engine that have the detector")
+
     def predict_images(self, images: Sequence[np.ndarray], names: Sequence[str], *,
                        reject_ood: bool = False) -> pd.DataFrame:
         """The :meth:`predict_files` table for decoded images (any size, RGB 0..255), one row per name."""
+        self.check_reject_ood(reject_ood)
         resized = [self._resize(image) for image in images]
         outputs = self.predict_arrays(np.stack(resized)) if resized else {}
         return self.table(list(names), outputs, [None] * len(names), reject_ood=reject_ood)

@@ -101,6 +101,9 @@ def check_config(config: dict[str, Any], *, source: str | os.PathLike) -> None:
     ood = config.get("ood") or {}
     if not isinstance(ood, dict) or not _is_number(ood.get("threshold", 0.0)):
         raise bad("ood", 'null, or {"threshold": a number or null}')
+    sha = config.get("model_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+        raise bad("model_sha256", "the SHA-256 of model.keras, 64 lowercase hex digits")
 
 
 def _is_number(value: Any, *, low: float = -math.inf, high: float = math.inf) -> bool:

@@ -3,7 +3,8 @@
 A finished run holds::
 
     model.keras          the end-to-end model (raw RGB 0..255 in, dict of logits out)
-    config.json          every setting, label names, taxonomy, package versions, seed, wall time per phase
+    config.json          every setting, label names, taxonomy, package versions, seed, wall time per phase, and
+                         model_sha256 (model.keras's SHA-256, checked when the model is loaded)
     split.csv            the exact manifest and split the run used
     history.csv          per-epoch metrics (CSVLogger)
     history.png          loss and accuracy per head
@@ -17,9 +18,12 @@ the same command resumes from its last finished epoch (``train-state/`` holds th
 
 What ``train`` will and will not touch: it writes only into an empty (or new) folder or into a run of its own
 (recognised by the marker). ``overwrite`` replaces a run of ours, and then only the files the run owns (the
-marker lists them); anything else in the folder stays. ``--out`` may not be the data folder, inside it, or
-contain it, and a ``--split-file`` may not sit among the files an overwrite would replace. One process at a
-time: an exclusive lock on ``.lock`` stops a second ``train`` on the same folder, which is told who holds it.
+marker lists them, each checked to lie inside the folder before anything is deleted); anything else in the folder
+stays. ``--out`` may not be the data folder, inside it, or contain it (nor lie inside the folders of a
+``--split-file``'s images: :func:`multitask.guard.check_output`), and a ``--split-file`` may not sit among the files
+an overwrite would replace. One process at a time: an exclusive lock on ``.lock`` stops a second ``train`` on the
+same folder, which is told who holds it; readers (evaluate, export: :func:`reading_run`) hold it shared, so a
+``train`` is refused while one of them reads the run, and they are refused while it writes.
 """
 
 from __future__ import annotations
@@ -34,13 +38,23 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from multitask.errors import ConfigError, RunError
-from multitask.files import atomic_path, check_free_space, check_writable, remove_stale_temps, write_json
+from multitask.files import (
+    atomic_path,
+    check_free_space,
+    file_sha256,
+    open_regular,
+    remove_stale_temps,
+    write_json,
+)
+from multitask.guard import LOCK_FILE, MARKER_FILE, check_output, data_roots, owned_paths, read_marker
 from multitask.runcheck import CONFIG_FORMAT, REQUIRED_FIELDS, check_config, load_checked_model
 from multitask.settings import TrainConfig
 from multitask.taxonomy import Taxonomy
@@ -58,14 +72,17 @@ OOD_ARRAYS_FILE = "ood.npz"  # ... and its arrays beside it
 STATE_DIR = "train-state"  # backups and phase results of an unfinished run; removed when the run completes
 CACHE_DIR = "cache"
 TENSORBOARD_DIR = "logs"
-MARKER_FILE = ".multitask-run.json"
-LOCK_FILE = ".lock"
 # What train writes; overwrite removes these and whatever later steps recorded with claim_files.
 TRAIN_FILES = (CONFIG_FILE, MODEL_FILE, SPLIT_FILE, HISTORY_FILE, HISTORY_PLOT, STATE_DIR, TENSORBOARD_DIR, OOD_FILE,
                OOD_ARRAYS_FILE)
 # Settings that do not change what a run computes, so a run may be resumed with other values.
 RESUMABLE_ANYWAY = ("verbose", "overwrite", "cache_dir", "strategy")
 MODEL_BYTES = 100 * 2**20  # a joint model's weights in float32; checkpoints and backups hold a few copies
+# Size bounds of the run files read through multitask.files.open_regular (far above what a run writes).
+CONFIG_MAX_BYTES = 64 * 2**20
+SPLIT_MAX_BYTES = 2**30
+MODEL_MAX_BYTES = 16 * 2**30
+OOD_MAX_BYTES = 2**30
 
 
 def package_versions() -> dict[str, str]:
@@ -147,9 +164,16 @@ class RunInfo:
         return self.path / OOD_FILE
 
     def load_ood(self):
-        """The run's out-of-distribution detector (multitask.ood), or None for a run without one."""
-        if not self.ood_path.is_file():
+        """The run's out-of-distribution detector (multitask.ood), or None for a run without one; RunError when
+        one of its files is there but is not a regular file (a FIFO would block the reader forever) or too big."""
+        if not os.path.lexists(self.ood_path):
             return None
+        for path in (self.ood_path, self.path / OOD_ARRAYS_FILE):
+            try:
+                open_regular(path, max_bytes=OOD_MAX_BYTES).close()
+            except OSError as exc:
+                raise RunError(f"cannot read {path}: {exc.strerror}; retrain the run, or delete {OOD_FILE} and "
+                               f"{OOD_ARRAYS_FILE} to predict without OOD scores") from None
         from multitask.ood import OodDetector
 
         return OodDetector.from_json(self.ood_path)
@@ -159,9 +183,43 @@ class RunInfo:
         return (self.config.get("ood") or {}).get("threshold")
 
     def load_model(self):
-        """The run's Keras model, loaded with safe_mode=True; RunError when the file is damaged, refused, or its
-        input size is not the run's ``image_size``."""
-        return load_checked_model(self.model_path, image_size=self.image_size, config_path=self.path / CONFIG_FILE)
+        """The run's Keras model, loaded with safe_mode=True; RunError when the file is damaged, refused, its input
+        size is not the run's ``image_size``, or it is not the file the run saved (the SHA-256 in config.json)."""
+        model = load_checked_model(self.model_path, image_size=self.image_size, config_path=self.path / CONFIG_FILE)
+        self.check_model_hash()
+        return model
+
+    def check_model_hash(self) -> None:
+        """RunError unless model.keras is the file this run saved (``model_sha256`` in config.json). A run from
+        before the hash was recorded is accepted with a warning."""
+        recorded = self.config.get("model_sha256")
+        if recorded is None:
+            log.warning("%s records no model hash (a run from an older multitask): cannot check that %s is the model "
+                        "this run trained; retrain it to have the check", self.path / CONFIG_FILE, MODEL_FILE)
+            return
+        try:
+            found = file_sha256(self.model_path, max_bytes=MODEL_MAX_BYTES)
+        except OSError as exc:
+            raise RunError(f"cannot read {self.model_path} ({exc.strerror}); restore it or retrain the run") from None
+        if found != recorded:
+            raise RunError(f"{self.model_path} is not the model this run saved (SHA-256 {found[:12]}... where "
+                           f"{CONFIG_FILE} records {recorded[:12]}...): its threshold, calibration and labels would be "
+                           f"applied to another model. Restore the run's own {MODEL_FILE}, or retrain the run")
+
+    def data_roots(self) -> list[Path]:
+        """The data folders of the images in the run's split (multitask.guard.data_roots): no output goes there."""
+        images: list[str] = []
+        if self.split_path.is_file():
+            import pandas as pd
+
+            try:
+                with open_regular(self.split_path, max_bytes=SPLIT_MAX_BYTES) as stream:
+                    images = pd.read_csv(stream, usecols=["path"], dtype=str)["path"].dropna().tolist()
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read the image paths of %s (%s); outputs are checked without them",
+                            self.split_path, exc)
+        data = (self.config.get("settings") or {}).get("data")
+        return data_roots(images, declared=[data] if data and os.path.isabs(data) else [], keep=[self.path])
 
 
 def open_run(run_dir: str | os.PathLike) -> RunInfo:
@@ -176,7 +234,10 @@ def open_run(run_dir: str | os.PathLike) -> RunInfo:
             "run directory); rerun the same `multitask train` command to resume it"
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with open_regular(config_path, max_bytes=CONFIG_MAX_BYTES) as stream:
+            config = json.loads(stream.read().decode("utf-8"))
+    except OSError as exc:
+        raise RunError(f"cannot read {config_path}: {exc.strerror}; restore it or retrain the run") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{config_path} is not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
@@ -201,48 +262,64 @@ def claim_files(run_dir: str | os.PathLike, names: list[str]) -> None:
     marker = Path(run_dir) / MARKER_FILE
     if not marker.is_file():
         return  # not a run folder (e.g. evaluate --out elsewhere): nothing owns these files but the user
-    record = _read_marker(marker)
+    record = read_marker(marker)
     record["files"] = sorted(set(record.get("files", [])) | set(names))
     write_json(record, marker)
-
-
-def _read_marker(marker: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{marker} is damaged ({exc}); this folder cannot be recognised as a run: move what you "
-                       "want to keep and delete the folder, or choose another $out") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("files", []), list):
-        raise RunError(f"{marker} is not a run marker; choose another $out")
-    return record
 
 
 # ----------------------------------------------------------------------------------------------- writing a run
 
 
 class RunLock:
-    """An exclusive, non-blocking lock on ``folder/.lock``, held until :meth:`release` (or the process ends)."""
+    """A non-blocking lock on ``folder/.lock``, held until :meth:`release` (or the process ends): exclusive for
+    ``train``, which writes the run; ``shared`` for evaluate and export, which read it (several at once), so that
+    a ``train --overwrite`` cannot replace the model under them, nor they read a run being written."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, folder: Path, *, shared: bool = False):
+        self.path, self.shared = folder / LOCK_FILE, shared
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if not shared:
+                raise
+            try:  # a run on read-only media can still be read; a lock needs only a readable file
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                log.debug("cannot open %s: reading %s without a lock", self.path, folder)
+                self._fd = None
+                return
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = os.pread(self._fd, 4096, 0).decode("utf-8", "replace").strip() or (
+                "another multitask process (an evaluate or export reading the run)")
             os.close(self._fd)
             raise RunError(f"{folder} is in use by {holder}; wait for it to finish, or choose another $out") from None
-        holder = (f"multitask pid {os.getpid()} on {socket.gethostname()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])})")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, holder.encode(), 0)
+        if not shared:  # who holds it, for the message of the one refused
+            holder = (f"multitask pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:2])})")
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, holder.encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            if not self.shared:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def reading_run(run: str | os.PathLike | RunInfo) -> Iterator[RunInfo]:
+    """The finished run (:func:`open_run`), read under a shared :class:`RunLock`: a ``train`` writing it is
+    refused meanwhile, and one already writing it makes this a RunError."""
+    path = run.path if isinstance(run, RunInfo) else open_run(run).path
+    lock = RunLock(path, shared=True)
+    try:
+        yield open_run(path)  # again, under the lock: what it says now cannot change until the block ends
+    finally:
+        lock.release()
 
 
 class RunDir:
@@ -261,7 +338,7 @@ class RunDir:
         out = Path(config.out).expanduser().absolute()
         _check_inputs_outside(out, config)
         _check_ours_or_empty(out)
-        check_writable(out, flag="$out", folder=True)
+        check_output(out, flag="$out", folder=True, data=_split_file_roots(config), run=out)
         out.mkdir(parents=True, exist_ok=True)
         lock = RunLock(out)
         try:
@@ -308,12 +385,14 @@ class RunDir:
         write_json(config.to_dict(), settings_path)
 
     def _remove_owned(self) -> None:
-        """Delete what an earlier run of ours left (train's files and the files it claimed), nothing else."""
-        marker = self.path / MARKER_FILE
-        owned = set(TRAIN_FILES) | (set(_read_marker(marker).get("files", [])) if marker.is_file() else set())
-        for name in sorted(owned):
-            target = (self.path / name).absolute()
-            if target.parent != self.path and self.path not in target.parents:
+        """Delete what an earlier run of ours left (train's files and the files it claimed), nothing else: every
+        name the marker lists is checked to lie inside the run folder before anything is deleted."""
+        root = self.path.resolve()
+        owned = {root / name for name in TRAIN_FILES}
+        if (self.path / MARKER_FILE).is_file():
+            owned |= set(owned_paths(self.path))  # RunError for "../x", "/x" or "link/x": nothing deleted then
+        for target in sorted(owned):
+            if target.parent.resolve() != target.parent or root not in target.parents:
                 log.warning("not removing %s: it lies outside the run folder %s", target, self.path)
             elif target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
@@ -329,8 +408,10 @@ class RunDir:
         return self.state_dir / name
 
     def finish(self, model, record: dict[str, Any]) -> RunInfo:
-        """Save the model, write config.json last (``record`` plus status and format), drop the training state."""
+        """Save the model, write config.json last (``record`` plus status, format and the model file's SHA-256, which
+        opening the run checks), drop the training state."""
         save_model(model, self.path / MODEL_FILE)
+        record = {**record, "model_sha256": file_sha256(self.path / MODEL_FILE)}
         write_json({"status": "complete", "format": CONFIG_FORMAT, **record}, self.path / CONFIG_FILE)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return open_run(self.path)
@@ -347,6 +428,21 @@ def save_model(model, path: str | os.PathLike) -> Path:
                            "the same command (the run resumes)") from exc
         raise
     return Path(path)
+
+
+def _split_file_roots(config: TrainConfig) -> list[Path]:
+    """The data folders of a ``split_file``'s images (multitask.guard.data_roots); none when it cannot be read
+    (load_split says why, later)."""
+    if not config.split_file:
+        return []
+    import pandas as pd
+
+    try:
+        with open_regular(Path(config.split_file).expanduser(), max_bytes=SPLIT_MAX_BYTES) as stream:
+            images = pd.read_csv(stream, usecols=["path"], dtype=str)["path"].dropna().tolist()
+    except (OSError, ValueError):
+        return []
+    return data_roots(images)  # as with --data: a run never lies inside the dataset's folders
 
 
 def _check_inputs_outside(out: Path, config: TrainConfig) -> None:

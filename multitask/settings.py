@@ -34,6 +34,7 @@ DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one sou
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 DEFAULT_SEED = 42
 MIN_IMAGE_SIZE = 75  # InceptionV3's smallest accepted input
+MAX_IMAGE_SIZE = 1024  # the largest model input: twice the Kaggle images' 512 px; memory grows with its square
 BATCH_SIZE = 32  # prediction and evaluation
 ENGINES = ("keras", "onnx", "int8")  # what runs the inference graph (multitask.engines)
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "int8")
@@ -133,6 +134,9 @@ class TrainConfig:
             (bool(self.data or self.split_file), "give the dataset folder ($data) or a saved split ($split_file)"),
         ]
         for ok, message in checks:
+            (not _integer(self.image_size) or self.image_size <= MAX_IMAGE_SIZE,
+             f"$image_size {self.image_size!r} is above the largest supported, {MAX_IMAGE_SIZE} px (the model's input "
+             "grows with its square: 100000 px would need terabytes; the Kaggle images are 512 px)"),
             if not ok:
                 raise ConfigError(message)
         check_fractions(self.fractions)

@@ -6,12 +6,16 @@ the parts. The share depends only on the inputs: they are sorted (and listed onc
 contiguous blocks of equal size (within one file), so every machine computes the same cut without talking to the
 others. Each part records where it came from in three columns, so that the merge can check that every input
 appears exactly once and that no shard is missing: ``shard`` ("K/N"), ``input_index`` (the file's position in
-the sorted inputs, from 0) and ``inputs`` (how many there are in all). The merged table drops them: it is the
+the sorted inputs, from 0) and ``inputs`` (how many there are in all). Three more say what made it, so that the
+merge joins only parts of one job: ``model_sha256`` (the run's model file), ``threshold`` (the operating point:
+the malignancy threshold, and the per-organ ones) and ``inputs_sha256`` (a hash of the whole sorted input list,
+so parts cut from different lists of the same length are told apart). The merged table drops all six: it is the
 unsharded table, in sorted path order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +31,8 @@ log = logging.getLogger(__name__)
 SHARD_COLUMN = "shard"
 INDEX_COLUMN = "input_index"
 TOTAL_COLUMN = "inputs"
-PART_COLUMNS = (SHARD_COLUMN, INDEX_COLUMN, TOTAL_COLUMN)
+IDENTITY_COLUMNS = ("model_sha256", "threshold", "inputs_sha256")  # must be the same in every part of one job
+PART_COLUMNS = (SHARD_COLUMN, INDEX_COLUMN, TOTAL_COLUMN, *IDENTITY_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class Shard:
 
     def select(self, files: Sequence[str]) -> tuple[list[str], int, int]:
         """This share of ``files`` (sorted, each once), its first position, and the number of inputs in all."""
-        ordered = sorted(set(map(str, files)))
+        ordered = sorted_inputs(files)
         if len(ordered) < len(files):
             log.info("%d input(s) were listed more than once; each is predicted once", len(files) - len(ordered))
         if self.count > len(ordered):
@@ -68,18 +73,41 @@ class Shard:
         return ordered[start:stop], start, len(ordered)
 
 
+def sorted_inputs(files: Sequence[str]) -> list[str]:
+    """The inputs as every shard orders them: sorted, each once."""
+    return sorted(set(map(str, files)))
+
+
+def inputs_digest(files: Sequence[str]) -> str:
+    """SHA-256 of the whole sorted input list: the same on every machine given the same PATHS."""
+    return hashlib.sha256("\0".join(sorted_inputs(files)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def operating_point(predictor) -> str:
+    """The predictor's decision rule as text: the malignancy threshold and any per-organ ones ("none" without a
+    cancer head)."""
+    if "cancer" not in predictor.tasks:
+        return "none"
+    organs = getattr(predictor, "organ_thresholds", None) or {}
+    return "; ".join([f"{predictor.threshold:.6g}", *(f"{organ} {t:.6g}" for organ, t in sorted(organs.items()))])
+
+
 def predict_shard(predictor, files: Sequence[str], shard: Shard, **options) -> pd.DataFrame:
     """``predictor.predict_files`` (a :class:`multitask.predict.Predictor`) of this shard's share of ``files``,
     labelled with the part columns; ``options`` go to predict_files."""
     share, start, total = shard.select(files)
     log.info("shard %s: inputs %d..%d of %d (sorted)", shard, start + 1, start + len(share), total)
-    return label_part(predictor.predict_files(share, **options), shard, start, total)
+    identity = {"model_sha256": predictor.model_sha256 or "unknown", "threshold": operating_point(predictor),
+                "inputs_sha256": inputs_digest(files)}
+    return label_part(predictor.predict_files(share, **options), shard, start, total, identity=identity)
 
 
-def label_part(frame: pd.DataFrame, shard: Shard, start: int, total: int) -> pd.DataFrame:
-    """``frame`` (the predictions of one share, in order) with the columns that say where its rows belong."""
+def label_part(frame: pd.DataFrame, shard: Shard, start: int, total: int, *,
+               identity: dict[str, str]) -> pd.DataFrame:
+    """``frame`` (the predictions of one share, in order) with the columns that say where its rows belong and
+    what made them (``identity``: one value per :data:`IDENTITY_COLUMNS`)."""
     return frame.assign(**{SHARD_COLUMN: str(shard), INDEX_COLUMN: range(start, start + len(frame)),
-                           TOTAL_COLUMN: total})
+                           TOTAL_COLUMN: total, **{name: str(identity[name]) for name in IDENTITY_COLUMNS}})
 
 
 def read_part(path: str | os.PathLike) -> pd.DataFrame:
@@ -98,7 +126,7 @@ def read_part(path: str | os.PathLike) -> pd.DataFrame:
                         "it was not written by `multitask predict ... --shard K/N --out FILE`")
     shards = frame[SHARD_COLUMN].astype(str).unique()
     totals = frame[TOTAL_COLUMN].unique()
-    if len(shards) != 1 or len(totals) != 1:
+    if len(shards) != 1 or len(totals) != 1 or any(frame[c].astype(str).nunique() != 1 for c in IDENTITY_COLUMNS):
         raise DataError(f"part {path} mixes rows of shards {', '.join(map(str, shards))} (or of different input "
                         "lists); merge the parts that predict --shard wrote, unedited")
     try:
@@ -118,6 +146,13 @@ def merge_parts(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     shard_of = {name: Shard.parse(str(frame[SHARD_COLUMN].iloc[0])) for name, frame in parts.items()}
     total_of = {name: int(frame[TOTAL_COLUMN].iloc[0]) for name, frame in parts.items()}
     first = next(iter(parts))
+    for column in IDENTITY_COLUMNS:  # one job: the same model, operating point and input list in every part
+        value = str(parts[first][column].iloc[0])
+        for name, frame in parts.items():
+            if str(frame[column].iloc[0]) != value:
+                raise DataError(f"part {name} has {column} {str(frame[column].iloc[0])[:24]!r} but {first} has "
+                                f"{value[:24]!r}: the parts come from different runs, thresholds or input lists; "
+                                "merge only the parts of one `predict --shard` job")
     count, total = shard_of[first].count, total_of[first]
     by_index: dict[int, str] = {}
     for name in parts:

@@ -23,6 +23,7 @@ from multitask.taxonomy import Taxonomy, load_taxonomy
 
 DEMO_ROOT = Path("Multi Cancer") / "Multi Cancer"
 SYNTHETIC_MARK = "SYNTHETIC.txt"  # at the root of every generated dataset: reports and model cards say so
+MIN_SYNTHETIC_SIZE = 8  # pixels: smaller images have no room for the structures that tell the classes apart
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,17 @@ def generate(
     with_bad_files: bool = False,
     taxonomy: Taxonomy | None = None,
 ) -> Path:
-    """Write the synthetic dataset under ``out`` and return the folder to pass as ``--data``."""
+    """Write the synthetic dataset under ``out`` and return the folder to pass as ``--data``. ``out`` must be new,
+    empty, or an earlier synthetic dataset (:data:`SYNTHETIC_MARK`): files of yours there are never replaced."""
+    from multitask.errors import ConfigError
+    from multitask.guard import check_output
+
+    for name, value, low in (("size", size, MIN_SYNTHETIC_SIZE), ("per_class", per_class, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"${name} must be a whole number of at least {low}, got {value!r}")
     taxonomy = taxonomy or load_taxonomy()
     out = Path(out)
+    check_output(out, flag="$out", folder=True, mark=SYNTHETIC_MARK)
     root = out / DEMO_ROOT
     _mark_synthetic(out)
     for sub_index, row, folder, variant in _subclass_folders(root, taxonomy):

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -36,9 +37,10 @@ from multitask.calibration import calibration_record, fit_calibration
 from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree, task_labels
 from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
+from multitask.errors import DataError
 from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
-from multitask.history import best_epoch, plot_history, tidy_history
+from multitask.history import best_epoch, plot_history, read_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
 from multitask.rundir import (
     CACHE_DIR,
@@ -118,6 +120,7 @@ class Trainer:
     def _fit_into(self, config: TrainConfig) -> RunInfo | None:
         with RunDir.open(config) as self.run:
             split = self.split()
+            _check_classes(split, config.tasks)
             fit_rows = pd.concat([split[split["split"] == s] for s in ("train", "val")]).reset_index(drop=True)
             self.fit_rows = fit_rows
             features = self.features(fit_rows)
@@ -296,6 +299,7 @@ class Trainer:
         # Keras' epoch index `first` is row first + 1.
         _drop_epochs_from(history_path, first + 1)
         callbacks = [
+            handlers.StopBeforeDiskFills(self.run.path),  # first: it runs before any checkpoint of the epoch
             handlers.StopOnNonFiniteLoss(learning_rate),
             handlers.LogWeighting(self.weighting),
             handlers.BestWeights(best_path, monitor=monitor, before_epoch=first),
@@ -313,7 +317,7 @@ class Trainer:
                             shuffle=False, verbose=self.config.verbose, callbacks=callbacks)
         if best_path.is_file():
             trainer.load_weights(best_path)
-        history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame({"epoch": []})
+        history = read_history(history_path)
         best = best_epoch(history, monitor, since=initial_epoch + 1)  # this phase's rows, counted from 1
         end = int(history["epoch"].max()) if len(history) else initial_epoch  # epochs done so far
         return PhaseResult(end=max(end, initial_epoch), best=None if best is None else float(best[monitor]),
@@ -411,17 +415,38 @@ def train(config: TrainConfig, *, callbacks: Sequence = ()) -> RunInfo | None:
     return Trainer(config, callbacks=callbacks).fit()
 
 
+def _check_classes(split: pd.DataFrame, tasks: Sequence[str]) -> None:
+    """DataError unless the training images hold at least two classes of every head to train: a head that sees one
+    class learns to answer it always, and the cancer threshold would be chosen on images of one class (e.g. a
+    dataset of one subclass)."""
+    train = split[split["split"] == "train"]
+    for task in tasks:
+        found = sorted(train[task].unique())
+        if len(found) < 2:
+            other = " (--task cancer trains the cancer head alone)" if task == "organ" and len(tasks) > 1 else ""
+            raise DataError(f"the training split has {len(train)} images of only {len(found)} {task} class "
+                            f"({', '.join(map(str, found)) or 'none'}): a {task} head needs images of at least two "
+                            f"classes, or it learns to give one answer always{other}. Add images of other "
+                            "subclasses to the data or the split")
+
+
 def _better(candidate: float | None, incumbent: float | None) -> bool:
     """Whether a phase's best monitored loss beats the previous one (unknown values never win or lose)."""
     return candidate is None or incumbent is None or candidate <= incumbent
 
 
 def _drop_epochs_from(history_path: Path, epoch: int) -> None:
-    """Remove history rows of ``epoch`` and later: they belong to an attempt that is being run again."""
-    if history_path.is_file():
-        history = pd.read_csv(history_path)
-        if (history["epoch"] >= epoch).any():
-            write_csv(history[history["epoch"] < epoch], history_path)
+    """Remove history rows of ``epoch`` and later: they belong to an attempt that is being run again. The file is
+    rewritten clean (a row cut by a kill is dropped), or removed when no row is left (a 0-byte history of a
+    first epoch that never ended), so that CSVLogger appends to whole rows under its header, or starts anew."""
+    if not os.path.lexists(history_path):
+        return
+    history = read_history(history_path)
+    kept = history[history["epoch"] < epoch]
+    if len(kept):
+        write_csv(kept, history_path)
+    else:
+        history_path.unlink()
 
 
 @functools.cache
