@@ -13,6 +13,7 @@ from multitask.errors import MultitaskError, cli_message
 from multitask.settings import (
     DEFAULT_SPLIT_METHOD,
     PRECISIONS,
+    PRETRAINED_FINE_TUNE_EPOCHS,
     SPLIT_METHODS,
     STRATEGIES,
     SWITCHES,
@@ -136,13 +137,13 @@ def add_split_options(p: argparse.ArgumentParser, *, seed_help: str = "random se
 
 def run_audit_split(args: argparse.Namespace) -> int:
     from multitask.audit import audit_split, read_split_table, write_audit
-
     from multitask.guard import check_output, data_roots
+
     frame = read_split_table(args.split_csv)
-    by = "subclass" if "subclass" in frame.columns else "the whole set (no subclass column)"
     csv = Path(args.split_csv).resolve()
     out = Path(args.out) if args.out else csv.parent / f"{csv.stem}_audit"  # one folder per CSV: no overwriting
     check_output(out, flag="$out", folder=True, data=data_roots(frame["path"]))  # before the work
+    by = "subclass" if "subclass" in frame.columns else "the whole set (no subclass column)"
     print(f"checking {len(frame)} images of {args.split_csv}; candidates within {by}, k={args.k}, "
           f"min inliers {args.min_inliers}")
     audit = audit_split(frame, params=GroupingParams(k=args.k, min_inliers=args.min_inliers), cache_dir=args.cache_dir,
@@ -244,7 +245,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs,
                    help="epochs of the heads on cached backbone features (default %(default)s)")
     p.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs,
-                   help="then epochs of end-to-end fine-tuning on augmented images (default %(default)s)")
+                   help="then epochs of end-to-end fine-tuning on augmented images (default: "
+                        f"{PRETRAINED_FINE_TUNE_EPOCHS} with pretrained weights, 0 with --weights none)")
     p.add_argument("--unfreeze-from", default=d.unfreeze_from,
                    help="first backbone layer to fine-tune; BatchNorm stays frozen (default %(default)s)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default %(default)s")

@@ -56,6 +56,11 @@ BOOTSTRAP_SEED = 0
 
 # ----------------------------------------------------------------------------------------------- training
 
+# The default recipe for pretrained weights, chosen on validation by scripts/sweep_defaults.py over grouped splits of
+# the 9-organ real sample (README "Training"): 256 px, the heads on cached features, then 3 epochs of fine-tuning
+# from mixed7. A random-init backbone (--weights none) gains nothing from it, so it stays frozen there.
+PRETRAINED_FINE_TUNE_EPOCHS = 3
+
 
 @dataclass
 class TrainConfig:
@@ -71,7 +76,9 @@ class TrainConfig:
     # "Training"): Adam 1e-4 (the seed's rate) reached the lowest validation loss, 0.480, against 0.492 at 3e-4 and
     # 0.563 at 1e-3, but needs ~35 epochs: cheap, as the heads train on cached features. Patience 5 = 10 there.
     epochs: int = 40
-    fine_tune_epochs: int = 0
+    # None: PRETRAINED_FINE_TUNE_EPOCHS with pretrained weights (imagenet or a file), 0 with weights "none";
+    # resolved on construction, so config.json always holds the number used.
+    fine_tune_epochs: int | None = None
     unfreeze_from: str = "mixed7"  # same sweep, 2 fine-tuning epochs: validation loss 0.379, against 0.427 from mixed9
     learning_rate: float = 1e-4
     fine_tune_learning_rate: float | None = None  # None: learning_rate / 10
@@ -103,6 +110,14 @@ class TrainConfig:
     def fine_tune_lr(self) -> float:
         return self.learning_rate / 10 if self.fine_tune_learning_rate is None else self.fine_tune_learning_rate
 
+    @property
+    def pretrained(self) -> bool:
+        return str(self.weights).lower() not in ("none", "")
+
+    def __post_init__(self) -> None:
+        if self.fine_tune_epochs is None:  # the default depends on the weights: resolved once, here
+            self.fine_tune_epochs = PRETRAINED_FINE_TUNE_EPOCHS if self.pretrained else 0
+
     def validate(self) -> TrainConfig:
         """Return self, or raise ConfigError naming the bad setting."""
         checks = [
@@ -119,6 +134,9 @@ class TrainConfig:
                                              f"{self.decoded_cache!r}"),
             (_integer(self.image_size) and self.image_size >= MIN_IMAGE_SIZE,
              f"$image_size {self.image_size!r} is below InceptionV3's minimum of {MIN_IMAGE_SIZE} px"),
+            (not _integer(self.image_size) or self.image_size <= MAX_IMAGE_SIZE,
+             f"$image_size {self.image_size!r} is above the largest supported, {MAX_IMAGE_SIZE} px (the model's input "
+             "grows with its square: 100000 px would need terabytes; the Kaggle images are 512 px)"),
             (_integer(self.batch_size) and self.batch_size >= 1, f"$batch_size must be at least 1, got "
                                                                  f"{self.batch_size!r}"),
             (_integer(self.epochs) and self.epochs >= 1, f"$epochs must be at least 1 (the heads train first), got "
@@ -134,9 +152,6 @@ class TrainConfig:
             (bool(self.data or self.split_file), "give the dataset folder ($data) or a saved split ($split_file)"),
         ]
         for ok, message in checks:
-            (not _integer(self.image_size) or self.image_size <= MAX_IMAGE_SIZE,
-             f"$image_size {self.image_size!r} is above the largest supported, {MAX_IMAGE_SIZE} px (the model's input "
-             "grows with its square: 100000 px would need terabytes; the Kaggle images are 512 px)"),
             if not ok:
                 raise ConfigError(message)
         check_fractions(self.fractions)
