@@ -33,7 +33,7 @@ from multitask.export import (
     model_sha256,
     run_inference_model,
 )
-from multitask.files import read_json
+from multitask.files import read_json, write_json
 from multitask.model import model_parts
 from multitask.predict import Predictor
 from multitask.rundir import open_run
@@ -221,6 +221,9 @@ def test_stale_export_is_redone(exports, run, tmp_path):
     dense.set_weights([kernel * 3.0, *rest])  # a different model: answers move
     model.save(info.model_path)
     assert model_sha256(info.model_path) != old_sha
+    config = read_json(copy / "config.json")  # as a retrain would record it (issue 21: loading checks the hash)
+    write_json({**config, "model_sha256": model_sha256(info.model_path)}, copy / "config.json")
+    info = open_run(copy)
 
     engine = load_engine(copy, "onnx")  # stale: exported again, and checked against the new model
     record = read_json(export_dir(info, "onnx") / EXPORT_FILE)
