@@ -209,7 +209,8 @@ def counts_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_image(path, image_size: int):
-    """Read, decode by content (JPEG/PNG/BMP/GIF, whatever the extension) to RGB, resize: float32 in 0..255."""
+    """Read, decode by content (JPEG/PNG/BMP/GIF, whatever the extension) to RGB, resize: float32 in 0..255, whole
+    numbers (see :func:`decode_image`)."""
     import tensorflow as tf
 
     return decode_image(tf.io.read_file(path), image_size)
@@ -222,7 +223,10 @@ def decode_image(data, image_size: int):
 
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)  # antialiased resize can overshoot slightly
+    # Clipped (an antialiased resize can overshoot slightly) and rounded to whole numbers: the pixels of a uint8
+    # image, so the decoded-image cache (multitask.decoded) holds exactly what every other path feeds the model,
+    # and training from it sees the same inputs as predict and serve.
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
 def indexed_images(paths: Sequence[str], *, image_size: int, batch_size: int):

@@ -29,7 +29,7 @@ from multitask.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-FEATURE_CACHE_FORMAT = 1
+FEATURE_CACHE_FORMAT = 2  # 2: pixels rounded to whole numbers by the decoder (multitask.data.decode_image)
 SKIPPED_SHOWN = 20
 
 
