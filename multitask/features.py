@@ -3,9 +3,10 @@
 While the backbone is frozen (training phase 1), the heads see the same pooled features every epoch, so they are
 computed once per image and cached on disk. The cache key holds everything the features depend on: the
 backbone's weights (a SHA-256 of every value: ImageNet, a weights file or a seeded random init), the image size,
-each file's path, size and mtime, the backbone's precision, whether the pixels came from the files or the
-decoded-image cache (:mod:`multitask.decoded`), and the library versions; a stale cache is never used, and a
-damaged one is recomputed. Files that cannot be decoded are skipped, and their positions recorded.
+each file's path, size and mtime, the backbone's precision and the library versions; a stale cache is never
+used, and a damaged one is recomputed. Pixels read from the files or from the decoded-image cache
+(:mod:`multitask.decoded`) are the same whole numbers, so either gives the same features and the same key.
+Files that cannot be decoded are skipped, and their positions recorded.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str, precision: str = "float32",
-                      pixels: str = "files") -> dict[str, Any]:
+def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str,
+                      precision: str = "float32") -> dict[str, Any]:
     """What cached features depend on: backbone weights, image size, each file's path/size/mtime, the backbone's
-    precision, where the pixels come from (the files, or the decoded cache's uint8 arrays), versions."""
+    precision, versions."""
     import keras
     import tensorflow as tf
 
@@ -67,7 +68,6 @@ def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str
         "files": files_digest(paths),
         "count": len(paths),
         "precision": precision,
-        "pixels": pixels,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
 
@@ -117,7 +117,7 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
     """
     start = time.perf_counter()
     key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone),
-                            precision=backbone_precision(backbone), pixels="files" if decoded is None else "decoded")
+                            precision=backbone_precision(backbone))
     key_text = json.dumps(key, sort_keys=True)
     path = Path(cache_dir) / f"features-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.npz"
     log.debug("feature cache key %s", key_text)
