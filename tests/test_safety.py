@@ -279,8 +279,12 @@ def damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
         path.write_bytes(bytes(data[:1000]))
-    else:
-        data[len(data) * 2 // 3] ^= 0x10  # one bit, inside the largest array
+    else:  # one bit, inside the feature values themselves (found by their bytes: the zip stores them as they are)
+        with np.load(path) as stored:
+            values = np.asarray(stored["values"]).tobytes()
+        at = bytes(data).find(values)
+        assert at >= 0, "the values' bytes were not found in the file"
+        data[at + len(values) // 2] ^= 0x10
         path.write_bytes(bytes(data))
 
 
