@@ -1,8 +1,17 @@
-"""Shared fixtures: one tiny synthetic dataset and split per test session, reused by every module."""
+"""Shared fixtures: one tiny synthetic dataset and split per test session, reused by every module.
+
+The suite runs on two pytest-xdist workers (pyproject's addopts: ``-n 2 --dist loadfile
+--no-loadscope-reorder``: a whole module per worker, in the order of FIRST below). Each session fixture that costs
+something (the data, the runs) is built once per test session, by the first worker that needs it, in a folder both
+workers see, under a file lock (:func:`shared`); the other worker waits and reuses it. ``pytest -p no:xdist`` runs
+everything in one process, as before.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,6 +35,38 @@ IMAGE_SIZE = 75  # InceptionV3's minimum: the cheapest size that exercises the r
 JOINT_SETTINGS = {"epochs": 8, "learning_rate": 3e-3, "patience": 8}
 
 
+# The modules that take longest start first, so neither worker is left with a long one at the end (pytest
+# --durations, 2 cores: the real-sample runs, the notebooks, the exports, the multi-worker pair).
+FIRST = ("test_real_default.py", "test_real_sample.py", "test_ood.py", "test_notebooks.py", "test_export.py",
+         "test_scale_out.py", "test_train.py", "test_safety.py", "test_explain.py", "test_accelerate.py",
+         "test_demo.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Put the slowest modules first (stable: each module keeps its own order)."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)``'s result, built once per test session into ``folder`` even when several xdist workers ask:
+    the first builds under a lock, the others wait and reuse it. A build that failed is redone, never reused."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    done = folder.parent / f"{name}.done"
+    with FileLock(str(folder) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-built one from a failed build: ours, in the tmp dir
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+    return Path(done.read_text())
+
+
 def _present(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not present: {path}")
@@ -37,7 +78,7 @@ def demo_data(tmp_path_factory) -> Path:
     """A synthetic dataset in the Kaggle layout: 26 subclasses x 12 images of 96 px (no bad files)."""
     from multitask.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("demo"), per_class=12, size=96, seed=0)
+    return shared(tmp_path_factory, "demo", lambda folder: generate(folder, per_class=12, size=96, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +87,8 @@ def demo_split_csv(demo_data, tmp_path_factory) -> Path:
     from multitask.data import scan
     from multitask.splits import save_split, split_manifest
 
-    path = tmp_path_factory.mktemp("split") / "split.csv"
-    save_split(split_manifest(scan(demo_data), seed=42), path)
-    return path
+    return shared(tmp_path_factory, "split",
+                  lambda folder: save_split(split_manifest(scan(demo_data), seed=42), folder / "split.csv"))
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +100,7 @@ def real_sample() -> Path:
 @pytest.fixture(scope="session")
 def feature_cache(tmp_path_factory) -> Path:
     """One feature cache for the session's runs (same seed, same random backbone: its features are reused)."""
-    return tmp_path_factory.mktemp("feature-cache")
+    return shared(tmp_path_factory, "feature-cache", lambda folder: folder)
 
 
 def tiny_run(out: Path, split_csv: Path, cache: Path, **settings) -> Path:
@@ -76,7 +116,8 @@ def tiny_run(out: Path, split_csv: Path, cache: Path, **settings) -> Path:
 @pytest.fixture(scope="session")
 def joint_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
     """A finished joint run at IMAGE_SIZE: the heads trained 8 epochs on demo_data's train split."""
-    return tiny_run(tmp_path_factory.mktemp("joint") / "run", demo_split_csv, feature_cache, **JOINT_SETTINGS)
+    return shared(tmp_path_factory, "joint",
+                  lambda folder: tiny_run(folder / "run", demo_split_csv, feature_cache, **JOINT_SETTINGS))
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +131,8 @@ def joint_predictor(joint_run):
 @pytest.fixture(scope="session")
 def cancer_run(demo_split_csv, feature_cache, tmp_path_factory) -> Path:
     """A finished single-task cancer run at IMAGE_SIZE, trained one epoch."""
-    return tiny_run(tmp_path_factory.mktemp("cancer") / "run", demo_split_csv, feature_cache, task="cancer",
-                    epochs=1)
+    return shared(tmp_path_factory, "cancer",
+                  lambda folder: tiny_run(folder / "run", demo_split_csv, feature_cache, task="cancer", epochs=1))
 
 
 @pytest.fixture(scope="session")
@@ -106,15 +147,17 @@ def real_split_csv(real_sample, tmp_path_factory) -> Path:
     from multitask.data import scan
     from multitask.splits import save_split, split_manifest
 
-    out = tmp_path_factory.mktemp("real-split")
-    split = split_manifest(scan(real_sample), seed=42, method="grouped", cache_dir=out / "keypoints")
-    return save_split(split, out / "split.csv")
+    def build(folder: Path) -> Path:
+        split = split_manifest(scan(real_sample), seed=42, method="grouped", cache_dir=folder / "keypoints")
+        return save_split(split, folder / "split.csv")
+
+    return shared(tmp_path_factory, "real-split", build)
 
 
 @pytest.fixture(scope="session")
 def real_cache(real_sample, tmp_path_factory) -> Path:
     """One feature and decoded-image cache for every real-sample run of the session."""
-    return tmp_path_factory.mktemp("real-cache")
+    return shared(tmp_path_factory, "real-cache", lambda folder: folder)
 
 
 def real_training(out: Path, split_csv: Path, weights: Path, cache: Path, **settings):
@@ -131,13 +174,14 @@ def real_training(out: Path, split_csv: Path, weights: Path, cache: Path, **sett
 def real_run(real_split_csv, pretrained_weights, real_cache, tmp_path_factory) -> Path:
     """A joint run on the real sample with the pretrained backbone, frozen, at 160 px, otherwise the defaults: the
     session's one real run for the real, OOD, calibration, threshold and export tests."""
-    return real_training(tmp_path_factory.mktemp("real-run") / "run", real_split_csv, pretrained_weights,
-                         real_cache, image_size=REAL_IMAGE_SIZE, fine_tune_epochs=0)
+    return shared(tmp_path_factory, "real-run",
+                  lambda folder: real_training(folder / "run", real_split_csv, pretrained_weights, real_cache,
+                                               image_size=REAL_IMAGE_SIZE, fine_tune_epochs=0))
 
 
 @pytest.fixture(scope="session")
 def real_default_run(real_split_csv, pretrained_weights, real_cache, tmp_path_factory) -> Path:
     """The default recipe for pretrained weights (`multitask train --weights W` and nothing else) on the real sample:
     the run the README's numbers describe, and int8's fixture (int8 is promised at the default size, 256 px)."""
-    return real_training(tmp_path_factory.mktemp("real-default") / "run", real_split_csv, pretrained_weights,
-                         real_cache)
+    return shared(tmp_path_factory, "real-default",
+                  lambda folder: real_training(folder / "run", real_split_csv, pretrained_weights, real_cache))

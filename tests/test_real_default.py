@@ -1,0 +1,77 @@
+"""The default recipe for pretrained weights on the real sample (issues 19, 22): 256 px, the heads on cached features,
+then 3 fine-tuning epochs (``real_default_run``, the session's longest fixture). What it must do: learn the real
+images, beat frozen 160 px on validation (the choice was made there), and keep int8 within its bars at 256 px. The
+bars' provenance is in test_real_sample.py's docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multitask.evaluate import evaluate_run
+from multitask.export import ARTIFACTS, EXPORT_FILE, TOLERANCE, export_dir, export_run
+from multitask.files import read_json
+from multitask.predict import Predictor
+from multitask.rundir import HISTORY_FILE, open_run
+from multitask.splits import load_split
+
+
+@pytest.fixture(scope="module")
+def default(real_default_run, tmp_path_factory) -> dict:
+    return evaluate_run(real_default_run, split="test", out=tmp_path_factory.mktemp("default-eval"), resamples=200)
+
+
+def validation(run, tmp_path) -> dict:
+    return evaluate_run(run, split="val", out=tmp_path / open_run(run).path.parent.name, resamples=50)
+
+
+def test_default_recipe_beats_frozen_160_on_validation(real_run, real_default_run, tmp_path):
+    """Issue 22: the default recipe was chosen on validation; on this split it must beat frozen 160 px there."""
+    baseline, chosen = validation(real_run, tmp_path), validation(real_default_run, tmp_path)
+    # Measured, seeds 42 / 7: 0.890 / 0.922 against 0.814 / 0.833.
+    assert chosen["organ"]["balanced_accuracy"] > baseline["organ"]["balanced_accuracy"]
+
+
+def test_default_recipe_learns_real_images_and_its_config_describes_the_saved_model(real_default_run, default):
+    info = open_run(real_default_run)
+    saved = info.config["saved"]
+    history = pd.read_csv(real_default_run / HISTORY_FILE)
+    # "final" is the epoch whose weights were saved, whichever phase that was (epochs number on across phases).
+    row = history[history["epoch"] == saved["epoch"]]
+    assert len(row) == 1 and info.config["final"]["val_loss"] == pytest.approx(float(row["val_loss"].iloc[0]))
+    # A fine-tuning phase is kept only when it beats the frozen one on validation (like with like).
+    best = info.config["best"]
+    if best.get("fine_tune") is not None and saved["phase"] == "fine_tune":
+        assert best["fine_tune"] <= best["heads"]
+    # Measured on the test split, seeds 42 / 7: organ accuracy 0.941 / 0.957, balanced 0.892 / 0.944, cancer
+    # ROC-AUC 0.892 / 0.948.
+    assert default["organ"]["accuracy"] >= 0.92
+    assert default["organ"]["balanced_accuracy"] >= 0.87
+    assert default["cancer"]["roc_auc"] >= 0.86
+
+
+def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_default_run):
+    """int8 where the product promises it: a pretrained real-sample run at 256 px. Measured on its 32 check images
+    (seed 42): max |difference| 0.047 (organ) / 0.034 (cancer) under XNNPACK, with oneDNN at full ISA or AVX2, and
+    0.063 / 0.028 under LiteRT's reference kernels, against the product's bar of 0.12; answers flipped only at near
+    ties (0-1 of 32; bar 93%). multitask.export.TOLERANCE says how the bars were set."""
+    info = open_run(real_default_run)
+    assert info.image_size == 256
+    result = export_run(real_default_run, format="int8")  # the product's own bars (TOLERANCE["int8"])
+    record = read_json(export_dir(info, "int8") / EXPORT_FILE)
+    assert record["artifact"] == ARTIFACTS["int8"] and record["max_abs_diff"] == result.max_abs_diff
+    assert max(result.max_abs_diff.values()) <= TOLERANCE["int8"]["max_abs_diff"] == 0.12
+    assert min(result.argmax_agreement.values()) >= TOLERANCE["int8"]["argmax_agreement"] == 0.93
+
+    split = load_split(info.split_path)
+    files = split.loc[split["split"] == "test", "path"].tolist()
+    keras_frame = Predictor.from_run(real_default_run).predict(files)
+    int8_frame = Predictor.from_run(real_default_run, engine="int8").predict(files)
+    assert list(int8_frame.columns) == [c for c in keras_frame.columns if c not in ("ood_score", "ood")]
+    assert (int8_frame["organ"] == keras_frame["organ"]).mean() >= 0.95
+    assert (int8_frame["cancer"] == keras_frame["cancer"]).mean() >= 0.95
+    probabilities = [c for c in int8_frame.columns if c.startswith("p_")]
+    moved = np.abs(int8_frame[probabilities].to_numpy(float) - keras_frame[probabilities].to_numpy(float)).max(axis=1)
+    assert np.median(moved) <= 0.02
