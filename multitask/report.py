@@ -214,7 +214,8 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
               f"the heads on a frozen backbone, phase 2 {config['epochs']['fine_tune']} epoch(s) of fine-tuning "
               f"from `{settings.get('unfreeze_from')}`; the saved model is the {config['saved']['phase']} phase's "
               f"best epoch on the validation objective.",
-              f"- **Loss weighting:** {config['weighting']['method']}; seed {config['seed']}; trained "
+              f"- **Loss weighting:** {config['weighting']['method']}; sample balance: {_balance(settings)}; "
+              f"fine-tuning augmentation: {settings.get('augment', 'standard')}; seed {config['seed']}; trained "
               f"{config.get('finished', 'n/a')}.",
               "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()) + ".", ""]
     lines += ["## Intended use", "",
@@ -228,6 +229,12 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
     lines += _metrics(metrics, calibration)
     lines += _limitations(run, metrics, split, synthetic)
     return "\n".join(lines) + "\n"
+
+
+def _balance(settings: dict[str, Any]) -> str:
+    """The run's --balance mode; an older config.json holds true/false, which meant classes/none."""
+    value = settings.get("balance", "none")
+    return ("classes" if value else "none") if isinstance(value, bool) else str(value)
 
 
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:

@@ -1,0 +1,104 @@
+"""The recipe options of issue 22: organ-balanced sample weights, augmentation strength, flip test-time augmentation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multitask import cli
+from multitask.augment import AMOUNTS, JITTER, MAX_ROTATION, augment_amounts, make_augmenter
+from multitask.data import balance_weights, class_weights, organ_weights, sample_weights
+from multitask.errors import ConfigError, cli_message
+from multitask.report import _balance
+from multitask.rundir import _as_saved_now
+from multitask.settings import AUGMENTS, TrainConfig
+from multitask.train import Trainer
+
+
+@pytest.fixture
+def six_three_one() -> pd.DataFrame:
+    """Ten training rows of three organs, 6 / 3 / 1 images, with both cancer classes inside the largest organ."""
+    return pd.DataFrame({"organ_id": [0] * 6 + [1] * 3 + [2],
+                         "cancer_id": [0, 0, 0, 0, 1, 1] + [1, 1, 1] + [1]})
+
+
+# ----------------------------------------------------------------------------------------------- --balance organs
+
+
+def test_organ_weights_are_the_inverse_organ_share_with_mean_one(six_three_one):
+    weights = organ_weights(six_three_one, ("organ", "cancer"))
+    expected = {0: 10 / 18, 1: 10 / 9, 2: 10 / 3}  # n / (k * n_organ): 10 rows, 3 organs
+    assert weights.keys() == {"organ", "cancer"}
+    for task in ("organ", "cancer"):
+        assert weights[task].keys() == expected.keys()
+        np.testing.assert_allclose([weights[task][o] for o in expected], list(expected.values()), rtol=1e-12)
+    per_row = sample_weights(six_three_one, weights, by="organ")
+    # Both heads weigh a row by its ORGAN: the cancer head's weights do not follow the cancer class...
+    np.testing.assert_array_equal(per_row["cancer"], per_row["organ"])
+    np.testing.assert_allclose(per_row["cancer"], [10 / 18] * 6 + [10 / 9] * 3 + [10 / 3], rtol=1e-6)
+    assert per_row["cancer"].mean() == pytest.approx(1.0)
+    # ...and every organ's images together weigh the same in each head's loss.
+    totals = pd.Series(per_row["cancer"]).groupby(six_three_one["organ_id"]).sum()
+    np.testing.assert_allclose(totals, [10 / 3] * 3, rtol=1e-6)
+
+
+def test_balance_modes_pick_their_weights(six_three_one):
+    tasks = ("organ", "cancer")
+    assert balance_weights(six_three_one, tasks, "none") is None
+    assert balance_weights(six_three_one, tasks, "classes") == class_weights(six_three_one, tasks)
+    assert balance_weights(six_three_one, tasks, "organs") == organ_weights(six_three_one, tasks)
+    with pytest.raises(ConfigError, match="'both'"):
+        balance_weights(six_three_one, tasks, "both")
+    # The trainer reads "organs" weights by each row's organ and "classes" weights by each head's own class.
+    organs = Trainer.sample_weights(SimpleNamespace(config=TrainConfig(data="x", balance="organs")), six_three_one,
+                                    organ_weights(six_three_one, tasks))
+    assert organs["cancer"][0] == organs["cancer"][4]  # same organ, other cancer class: same weight
+    classes = Trainer.sample_weights(SimpleNamespace(config=TrainConfig(data="x", balance="classes")), six_three_one,
+                                     class_weights(six_three_one, tasks))
+    assert classes["cancer"][0] != classes["cancer"][4]  # 4 benign vs 6 malignant rows: class weights differ
+
+
+def test_an_old_balance_switch_still_means_what_it_meant():
+    old = {"data": "x", "balance": True}  # config.json before --balance had modes: true/false, no "augment"
+    assert TrainConfig.from_dict(old).validate().balance == "classes"
+    assert TrainConfig.from_dict({**old, "balance": False}).validate().balance == "none"
+    assert TrainConfig(data="x", balance=True).balance == "classes"  # an older caller's keyword
+    assert _balance({"balance": True}) == "classes" and _balance({"balance": False}) == "none"  # the model card
+    assert _balance({"balance": "organs"}) == "organs"
+    # An unfinished run started before the modes (and before --augment) resumes with the same meaning.
+    saved_then = {**TrainConfig(data="x").to_dict(), "balance": False}
+    del saved_then["augment"]
+    assert _as_saved_now(saved_then) == TrainConfig(data="x", balance="none", augment="standard").to_dict()
+    with pytest.raises(ConfigError, match="'sometimes'"):
+        TrainConfig(data="x", balance="sometimes").validate()
+
+
+def test_balance_and_augment_flags_parse():
+    parser = cli.build_parser()
+    train = ["train", "--out", "run", "--data", "d"]
+    assert parser.parse_args(train).balance == "none"
+    assert parser.parse_args([*train, "--balance"]).balance == "classes"  # the bare flag keeps its old meaning
+    assert parser.parse_args([*train, "--balance", "organs"]).balance == "organs"
+    assert parser.parse_args([*train, "--balance", "--augment", "strong"]).augment == "strong"
+    assert parser.parse_args(train).augment == "standard"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*train, "--augment", "wild"])
+
+
+# ----------------------------------------------------------------------------------------------- --augment
+
+
+def test_augment_strength_default_is_todays_and_a_bad_one_is_named():
+    assert TrainConfig(data="x").augment == "standard"
+    assert augment_amounts("standard") == (0.03, 0.1) == (MAX_ROTATION, JITTER)  # what every earlier run used
+    assert set(AMOUNTS) == set(AUGMENTS)
+    strong, standard = augment_amounts("strong"), augment_amounts("standard")
+    assert strong.max_rotation > standard.max_rotation and strong.jitter > standard.jitter
+    assert augment_amounts("none") is None and make_augmenter(0, strength="none") is None
+    for bad in (lambda: TrainConfig(data="x", augment="wild").validate(), lambda: augment_amounts("wild")):
+        with pytest.raises(ConfigError) as caught:
+            bad()
+        assert "'wild'" in str(caught.value) and "--augment" in cli_message(caught.value)
