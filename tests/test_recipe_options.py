@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,9 +13,11 @@ from multitask import cli
 from multitask.augment import AMOUNTS, JITTER, MAX_ROTATION, augment_amounts, make_augmenter
 from multitask.data import balance_weights, class_weights, organ_weights, sample_weights
 from multitask.errors import ConfigError, cli_message
+from multitask.predict import Predictor
 from multitask.report import _balance
 from multitask.rundir import _as_saved_now
 from multitask.settings import AUGMENTS, TrainConfig
+from multitask.shards import operating_point
 from multitask.train import Trainer
 
 
@@ -102,3 +105,72 @@ def test_augment_strength_default_is_todays_and_a_bad_one_is_named():
         with pytest.raises(ConfigError) as caught:
             bad()
         assert "'wild'" in str(caught.value) and "--augment" in cli_message(caught.value)
+
+
+# ----------------------------------------------------------------------------------------------- --tta
+
+
+def tta_twin(predictor: Predictor, **overrides) -> Predictor:
+    """``predictor``'s engine and operating point with flip TTA on (no second model load)."""
+    options = dict(labels=predictor.labels, threshold=predictor.threshold, ood_threshold=predictor.ood_threshold,
+                   organ_thresholds=predictor.organ_thresholds, threshold_source=predictor.threshold_source)
+    return Predictor(predictor.engine, **{**options, **overrides}, tta=True)
+
+
+def test_tta_leaves_a_mirror_symmetric_image_unchanged(joint_predictor):
+    size = joint_predictor.image_size
+    half = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.float32)
+    symmetric = (half + half[:, :, ::-1, :]) / 2  # exactly equal to its horizontal mirror
+    plain = joint_predictor.predict_arrays(symmetric)
+    flipped = tta_twin(joint_predictor).predict_arrays(symmetric)
+    assert plain.keys() == flipped.keys() and "ood_score" in plain
+    for name in plain:
+        np.testing.assert_allclose(flipped[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_tta_averages_an_image_with_its_mirror(joint_predictor, tmp_path):
+    size = joint_predictor.image_size
+    ramp = np.linspace(0, 255, size, dtype=np.float32)  # dark on the left, bright on the right, with a blob
+    image = np.repeat(np.repeat(ramp[None, None, :, None], size, axis=1), 3, axis=3)
+    image[0, size // 3: size // 2, : size // 4, 0] = 255.0
+    mirror = image[:, :, ::-1, :].copy()
+    plain, mirrored = joint_predictor.predict_arrays(image), joint_predictor.predict_arrays(mirror)
+    tta = tta_twin(joint_predictor)
+    averaged = tta.predict_arrays(image)
+    for task in joint_predictor.tasks:
+        assert np.abs(plain[task] - mirrored[task]).max() > 1e-3  # the mirror answers differently: not vacuous
+        np.testing.assert_allclose(averaged[task], (plain[task] + mirrored[task]) / 2, rtol=1e-5, atol=1e-6)
+    # The OOD score is the original image's, not the mirror's nor their mean.
+    assert abs(plain["ood_score"][0] - mirrored["ood_score"][0]) > 1e-4
+    np.testing.assert_allclose(averaged["ood_score"], plain["ood_score"], rtol=1e-5)
+    # The organ is the argmax of the averaged probabilities, and its own threshold decides the cancer answer.
+    organs = joint_predictor.labels["organ"]
+    own = {organ: 0.05 + 0.1 * i for i, organ in enumerate(organs)}
+    row = tta_twin(joint_predictor, organ_thresholds=own).predict_images([image[0]], ["ramp"]).iloc[0]
+    organ = organs[int(np.argmax((plain["organ"] + mirrored["organ"])[0]))]
+    assert row["organ"] == organ and row["tta"]
+    assert row["malignancy_threshold"] == pytest.approx(own[organ]) and row["threshold_source"] == "organ"
+    # Parts of a sharded job made with and without TTA are never merged as one.
+    assert operating_point(tta) != operating_point(joint_predictor)
+    assert "tta" not in joint_predictor.predict_images([image[0]], ["ramp"]).columns
+
+
+def test_predict_cli_says_tta(joint_run, demo_split_csv, tmp_path, capsys):
+    split = pd.read_csv(demo_split_csv)
+    files = split.loc[split["split"] == "test", "path"].head(2).tolist()
+    out = tmp_path / "tta.csv"
+    assert cli.main(["predict", str(joint_run), *files, "--tta", "--out", str(out)]) == 0
+    assert "with flip TTA" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert frame["tta"].tolist() == [True, True]
+
+
+def test_evaluate_with_tta_says_so(joint_run, tmp_path):
+    from multitask.evaluate import MODEL_CARD_FILE, PREDICTIONS_FILE, REPORT_FILE, evaluate_run
+
+    metrics = evaluate_run(joint_run, split="val", out=tmp_path / "eval", resamples=20, tta=True)
+    assert metrics["tta"] is True
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] is True
+    for name in (REPORT_FILE, MODEL_CARD_FILE):
+        assert "flip test-time augmentation (--tta)" in (tmp_path / "eval" / name).read_text()
+    assert pd.read_csv(tmp_path / "eval" / PREDICTIONS_FILE)["tta"].all()
