@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +21,8 @@ from multitask.rundir import _as_saved_now
 from multitask.settings import AUGMENTS, TrainConfig
 from multitask.shards import operating_point
 from multitask.train import Trainer
+
+SWEEP = Path(__file__).resolve().parents[1] / "scripts" / "sweep_defaults.py"
 
 
 @pytest.fixture
@@ -174,3 +178,22 @@ def test_evaluate_with_tta_says_so(joint_run, tmp_path):
     for name in (REPORT_FILE, MODEL_CARD_FILE):
         assert "flip test-time augmentation (--tta)" in (tmp_path / "eval" / name).read_text()
     assert pd.read_csv(tmp_path / "eval" / PREDICTIONS_FILE)["tta"].all()
+
+
+# ----------------------------------------------------------------------------------------------- the sweep
+
+
+def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("sweep_defaults", SWEEP)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for recipe in sweep.RECIPES:
+        config = sweep.recipe_config(recipe, 42, split_file=tmp_path / "split.csv", out=tmp_path, weights="w")
+        assert config.image_size == sweep.RECIPES[recipe]["image_size"]
+    tta = sweep.recipe_config("tuned-256-mixed7-e3-tta", 7, split_file=tmp_path / "s.csv", out=tmp_path, weights="w")
+    assert tta.out.endswith("tuned-256-mixed7-e3-s7")  # scored with TTA on its twin's run: trained once
+    assert sweep.RECIPES["tuned-256-mixed7-e3-tta"]["tta"] is True
+    assert sweep.recipe_config("tuned-256-mixed7-e3-strong", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").augment == "strong"
+    assert sweep.recipe_config("frozen-256-organs", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").balance == "organs"
