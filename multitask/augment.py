@@ -9,9 +9,20 @@ What is used, and why it is safe for these medical images (the label must not ch
 * horizontal flips: histology, cytology and smears have no canonical orientation, and the organ or malignancy of
   an MRI/CT slice does not depend on left and right. Vertical flips are left out: an upside-down brain MRI is
   not an image the model will ever see.
-* small rotations (at most about 10 degrees, mirrored borders instead of black corners, which would look like
-  the dark background of an MRI or CT slice).
-* mild brightness and contrast jitter (10%), the spread between scanners and staining batches.
+* small rotations (at most about 10 degrees at the standard strength, mirrored borders instead of black corners,
+  which would look like the dark background of an MRI or CT slice).
+* mild brightness and contrast jitter (10% at the standard strength), the spread between scanners and staining
+  batches.
+
+How much is a setting, ``--augment`` (:data:`multitask.settings.AUGMENTS`), chosen on validation by
+``scripts/sweep_defaults.py``; each strength keeps to the list above and only changes the amounts (:data:`AMOUNTS`):
+
+* ``none``: no augmentation; fine-tuning sees the images as they are.
+* ``standard`` (the default, and what every run before the setting used): rotation up to 0.03 of a turn
+  (about 10.8 degrees), brightness and contrast jitter of 10%.
+* ``strong``: rotation up to 0.05 of a turn (18 degrees) and 20% jitter. Still safe: a histology field or a smear
+  has no orientation at all, and 18 degrees of an MRI/CT slice is a patient lying slightly askew; 20% brightness
+  and contrast is within the spread of stain batches and scanner exposure, and never touches hue.
 
 Left out on purpose: hue and saturation shifts (stain colour is diagnostic and tells organs apart, e.g. H&E
 pink versus Papanicolaou blue), crops and zooms (a small lesion near the border could be cut away and turn a
@@ -21,21 +32,51 @@ malignant image into a benign-looking one), and MixUp/CutMix (labels of two orga
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
+
+from multitask.errors import ConfigError
+from multitask.settings import AUGMENTS
 
 MAX_ROTATION = 0.03  # fraction of a full turn: 0.03 * 360 degrees = about 10.8 degrees
 JITTER = 0.1
 
 
-def make_augmenter(seed: int | None = None) -> Callable:
-    """A ``batch -> batch`` callable for float32 RGB images in 0..255 (shape (n, h, w, 3)); output stays in 0..255."""
+class Amounts(NamedTuple):
+    """How far one strength goes: ``max_rotation`` as a fraction of a full turn, ``jitter`` of brightness and
+    contrast as a fraction."""
+
+    max_rotation: float
+    jitter: float
+
+
+AMOUNTS: dict[str, Amounts | None] = {  # one entry per settings.AUGMENTS; None: no augmentation
+    "none": None,
+    "standard": Amounts(MAX_ROTATION, JITTER),
+    "strong": Amounts(0.05, 0.2),
+}
+
+
+def augment_amounts(strength: str) -> Amounts | None:
+    """The rotation and jitter of ``strength`` (one of settings.AUGMENTS), None for "none"; else ConfigError."""
+    if strength not in AUGMENTS or strength not in AMOUNTS:
+        raise ConfigError(f"$augment must be one of {', '.join(AUGMENTS)}, got {strength!r}")
+    return AMOUNTS[strength]
+
+
+def make_augmenter(seed: int | None = None, *, strength: str = "standard") -> Callable | None:
+    """A ``batch -> batch`` callable for float32 RGB images in 0..255 (shape (n, h, w, 3)) at ``strength``; output
+    stays in 0..255. None for strength "none" (nothing to apply, and keras-cv is not imported)."""
+    amounts = augment_amounts(strength)
+    if amounts is None:
+        return None
     import keras_cv
 
     seed = 0 if seed is None else int(seed)
     pipeline = [
         keras_cv.layers.RandomFlip("horizontal", seed=seed),
-        keras_cv.layers.RandomRotation(MAX_ROTATION, fill_mode="reflect", seed=seed + 1),
-        keras_cv.layers.RandomBrightness(JITTER, value_range=(0, 255), seed=seed + 2),
-        keras_cv.layers.RandomContrast(value_range=(0, 255), factor=JITTER, seed=seed + 3),
+        keras_cv.layers.RandomRotation(amounts.max_rotation, fill_mode="reflect", seed=seed + 1),
+        keras_cv.layers.RandomBrightness(amounts.jitter, value_range=(0, 255), seed=seed + 2),
+        keras_cv.layers.RandomContrast(value_range=(0, 255), factor=amounts.jitter, seed=seed + 3),
     ]
 
     def augment(images):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from multitask.errors import MultitaskError, cli_message
 from multitask.settings import (
+    AUGMENTS,
+    BALANCES,
     DEFAULT_SPLIT_METHOD,
     PRECISIONS,
     PRETRAINED_FINE_TUNE_EPOCHS,
@@ -256,7 +258,13 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="static weight of each head's loss, e.g. organ=1.0,cancer=0.5 (default 1 each)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
                    help="static: --loss-weights; uncertainty: learned (Kendall et al. 2018) (default %(default)s)")
-    p.add_argument("--balance", action="store_true", help="weight samples so each task's classes count equally")
+    p.add_argument("--balance", nargs="?", choices=BALANCES, const="classes", default=d.balance,
+                   help="weight training images: classes (also a bare --balance): each head's classes count equally; "
+                        "organs: every image by the inverse of its organ's share, in both heads' losses, so a small "
+                        "organ counts as much as a large one for the cancer head too (default %(default)s)")
+    p.add_argument("--augment", choices=AUGMENTS, default=d.augment,
+                   help="fine-tuning's augmentation: none; standard: flips, rotation up to ~11 degrees, 10%% "
+                        "brightness/contrast; strong: up to 18 degrees and 20%% (default %(default)s)")
     p.add_argument("--split-file", help="reuse this saved split (from `multitask scan --out`) instead of --data")
     add_split_options(p, seed_help="random seed of the split, the initialisation and the data order")
     add_taxonomy_options(p)

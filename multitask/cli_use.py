@@ -26,9 +26,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, data=args.data, split=args.split, out=args.out,
                            batch_size=args.batch_size, explain=args.explain, calibrated=not args.uncalibrated,
-                           threshold=args.threshold)
+                           threshold=args.threshold, tta=args.tta)
     source = metrics["source"]
-    print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})")
+    print(f"evaluated {metrics['n_images']} images ({source.get('split', 'folder')}: {source['path']})"
+          + (TTA_NOTE if metrics["tta"] else ""))
     print_table("metrics", summary_table(metrics), missing=MISSING_METRIC)
     for task in metrics["tasks"]:
         for note in metrics[task].get("notes", []):
@@ -96,7 +97,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.explain:
         check_output(args.explain, flag="$explain", folder=True, data=data)
     predictor = Predictor.from_run(args.run_dir, engine=args.engine, calibrated=not args.uncalibrated,
-                                   threshold=args.threshold)
+                                   threshold=args.threshold, tta=args.tta)
     if args.sample is not None:
         frame = sample_predictions(args.run_dir, args.sample, split=args.split, seed=args.seed,
                                    batch_size=args.batch_size, predictor=predictor)
@@ -130,7 +131,7 @@ def run_predict(args: argparse.Namespace) -> int:
     failed = int(frame["error"].notna().sum())
     flagged = int(frame["ood"].sum()) if "ood" in frame.columns else 0
     print(f"\npredicted {len(frame) - failed} of {len(frame)} file(s)" + (f"; {failed} unreadable" if failed else "")
-          + (f"; {flagged} unlike the training images (ood)" if flagged else ""))
+          + (f"; {flagged} unlike the training images (ood)" if flagged else "") + (TTA_NOTE if predictor.tta else ""))
     if "cancer" in predictor.tasks:
         print(f"Malignant when P(Malignant) >= {predictor.threshold:.3f}"
               + (" (--threshold)" if args.threshold is not None else " (the run's operating point)"))
@@ -201,12 +202,18 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     add_operating_point_options(p)
 
 
+TTA_NOTE = " with flip TTA (each image averaged with its horizontal mirror; column tta)"
+
+
 def add_operating_point_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncalibrated", action="store_true",
                    help="show the raw softmax probabilities instead of the calibrated ones (keras engine)")
     p.add_argument("--threshold", type=float, metavar="P",
                    help="call an image Malignant when P(Malignant) >= P (default: the run's operating point, "
                         "chosen on validation for its target sensitivity; 0.5 with --uncalibrated)")
+    p.add_argument("--tta", action="store_true",
+                   help="flip test-time augmentation: average each image's probabilities with its horizontal "
+                        "mirror's (twice the inference time; the OOD score stays the original image's)")
 
 
 def run_export(args: argparse.Namespace) -> int:

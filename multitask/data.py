@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.errors import DataError
+from multitask.errors import ConfigError, DataError
 from multitask.filesystem import (
     WalkReport,
     file_kind,
@@ -28,6 +28,7 @@ from multitask.filesystem import (
     log_walk_report,
     walk_files,
 )
+from multitask.settings import BALANCES
 from multitask.taxonomy import TASKS, Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
@@ -260,11 +261,39 @@ def class_weights(train: pd.DataFrame, tasks: Sequence[str]) -> dict[str, dict[i
     return out
 
 
-def sample_weights(frame: pd.DataFrame, weights: dict[str, dict[int, float]]) -> dict[str, np.ndarray]:
-    """Per-row weights of ``frame`` from :func:`class_weights` (classes unseen in training weigh 1)."""
+def organ_weights(train: pd.DataFrame, tasks: Sequence[str]) -> dict[str, dict[int, float]]:
+    """Per task, the same weight per organ id: the inverse of the organ's share of the training rows, normalised so
+    that the rows' mean weight is 1 (``n / (k * n_organ)`` for n rows of k organs). Every organ then weighs as much
+    as any other in each head's loss, the cancer head's included; :func:`sample_weights` with ``by="organ"`` reads
+    them."""
+    counts = train["organ_id"].value_counts()
+    per_organ = {int(organ): len(train) / (len(counts) * int(n)) for organ, n in counts.sort_index().items()}
+    return {task: dict(per_organ) for task in tasks}
+
+
+def balance_weights(train: pd.DataFrame, tasks: Sequence[str], mode: str) -> dict[str, dict[int, float]] | None:
+    """The ``--balance`` weights of the training rows (settings.BALANCES): None for "none", :func:`class_weights` for
+    "classes", :func:`organ_weights` for "organs"; read them with :func:`sample_weights` ``by=BALANCE_KEYS[mode]``."""
+    if mode == "none":
+        return None
+    if mode == "classes":
+        return class_weights(train, tasks)
+    if mode == "organs":
+        return organ_weights(train, tasks)
+    raise ConfigError(f"$balance must be one of {', '.join(BALANCES)}, got {mode!r}")
+
+
+BALANCE_KEYS = {"classes": None, "organs": "organ"}  # --balance mode -> the label whose id picks every head's weight
+
+
+def sample_weights(frame: pd.DataFrame, weights: dict[str, dict[int, float]], *,
+                   by: str | None = None) -> dict[str, np.ndarray]:
+    """Per-row weights of ``frame`` for each task of ``weights``: looked up by the row's own ``<task>_id``
+    (:func:`class_weights`), or by its ``<by>_id`` for every task (``by="organ"``: :func:`organ_weights`); ids unseen
+    in training weigh 1."""
     return {
-        task: frame[f"{task}_id"].map(lambda c, w=per_class: w.get(int(c), 1.0)).to_numpy(np.float32)
-        for task, per_class in weights.items()
+        task: frame[f"{by or task}_id"].map(lambda c, w=per_id: w.get(int(c), 1.0)).to_numpy(np.float32)
+        for task, per_id in weights.items()
     }
 
 

@@ -14,7 +14,7 @@ probabilities, the run's malignancy threshold, the OOD score).
     roc_cancer.png          ROC curve of P(Malignant) with the chosen threshold and 0.5 marked
     eval_predictions.csv    one row per evaluated image: true labels beside the predictions
 
-``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "calibrated", "bootstrap", "overlap", "ood",
+``metrics.json``: ``{"n_images", "source", "tasks", "unreadable", "calibrated", "tta", "bootstrap", "overlap", "ood",
 "<task>": {"n", "accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated", "brier", "labels",
 "per_class", "confusion_matrix", "figures", "ci95": {metric: [lo, hi]}}}``; the cancer head adds ``roc_auc``,
 ``threshold`` (the global one), ``organ_thresholds``, ``sensitivity`` and ``specificity`` (at the operating
@@ -25,6 +25,10 @@ holds, per TRUE organ, sensitivity and specificity at that operating point and a
 binomial intervals (:func:`multitask.bootstrap.proportion_interval`), and ``below_target`` when its sensitivity
 is below the run's target. Undefined numbers (a class absent from the evaluated images) are ``null`` with a note,
 never a crash.
+
+``tta`` says whether flip test-time augmentation averaged each image's probabilities with its mirror's
+(``evaluate --tta``); then ``ece_uncalibrated`` is that of ``softmax(T log p)`` of the averaged probabilities, the
+uncalibrated view as near as it can be recovered (a mean of two softmaxes is no softmax of one set of logits).
 
 Summary numbers follow scikit-learn: balanced accuracy is the mean recall over the classes present in the true
 labels; macro-F1 averages over the classes present in the true labels or the predictions. Intervals:
@@ -224,9 +228,10 @@ def head_metrics(task: str, y_true, probs, raw_probs, labels: Sequence[str], *,
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = None, split: str = "test",
                  out: str | os.PathLike | None = None, batch_size: int = BATCH_SIZE, explain: int = 0,
                  calibrated: bool = True, threshold: float | None = None,
-                 resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+                 resamples: int = BOOTSTRAP_RESAMPLES, tta: bool = False) -> dict[str, Any]:
     """Evaluate a finished run on its ``split`` (or every image under ``data``); write metrics, report, model card
-    and figures. ``explain=N`` adds a figure of N evaluated images with each head's Grad-CAM heatmap.
+    and figures; returns the metrics (metrics.json). ``explain=N`` adds a figure of N evaluated images with each
+    head's Grad-CAM heatmap; ``tta=True`` evaluates with flip test-time augmentation (see multitask.predict).
 
     The run is read under a shared lock (a ``train --overwrite`` of it is refused meanwhile). ``out`` (default: the
     run folder) is checked first (:func:`multitask.guard.check_output`: not in the data, not another run's files,
@@ -243,7 +248,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         stage = temp_dir(out, EVALUATION_TEMP)
         try:
             metrics = _evaluate(run, stage, data=data, split=split, batch_size=batch_size, explain=explain,
-                                calibrated=calibrated, threshold=threshold, resamples=resamples)
+                                calibrated=calibrated, threshold=threshold, resamples=resamples, tta=tta)
             _publish(stage, out, run)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -254,11 +259,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
 
 
 def _evaluate(run: RunInfo, out: Path, *, data, split: str, batch_size: int, explain: int, calibrated: bool,
-              threshold: float | None, resamples: int) -> dict[str, Any]:
+              threshold: float | None, resamples: int, tta: bool = False) -> dict[str, Any]:
     """:func:`evaluate_run`'s work: predict, measure, and write every output into ``out`` (the temporary folder)."""
     from multitask.predict import Predictor
 
-    predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold)  # a bad model fails first
+    predictor = Predictor.from_run(run, calibrated=calibrated, threshold=threshold, tta=tta)  # a bad model fails first
     manifest, source, unreadable = _evaluation_set(run, data=data, split=split)
     seen_as = training_rows(run, manifest["path"])
     note = overlap_note(overlap_counts(seen_as))
@@ -273,7 +278,7 @@ def _evaluate(run: RunInfo, out: Path, *, data, split: str, batch_size: int, exp
 
     metrics: dict[str, Any] = {
         "n_images": len(manifest), "source": source, "run": str(run.path), "image_size": run.image_size,
-        "tasks": list(run.tasks), "unreadable": unreadable, "calibrated": calibrated,
+        "tasks": list(run.tasks), "unreadable": unreadable, "calibrated": calibrated, "tta": predictor.tta,
         "bootstrap": {"resamples": resamples, "seed": BOOTSTRAP_SEED, "level": 0.95,
                       "stratified_by": "true class of each head", "small_groups": SMALL_GROUP_RULE},
         "overlap": overlap_counts(None if seen_as is None else seen_as[~failed]),

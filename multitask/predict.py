@@ -21,6 +21,14 @@ input is, and ``ood`` whether it exceeds the run's threshold; with ``reject_ood`
 an out-of-distribution detector has no ``ood`` columns. ``error`` is missing (``frame["error"].isna()``) for a
 predicted file and says why otherwise (missing, empty, truncated, not an image); such rows have no prediction.
 
+With flip test-time augmentation (``tta=True``, ``--tta``) a ``tta`` column (True) comes before ``error``: each
+image's calibrated probabilities are the mean of the image's and its horizontal mirror's
+(:class:`multitask.engines.FlipAveraged`), so ``organ`` is the argmax of the averaged organ probabilities and picks
+the per-organ threshold, which P(Malignant), averaged the same way, is read against. The thresholds and
+temperatures were chosen on single-view probabilities, so the sensitivity promised at the operating point holds
+only approximately: ``multitask evaluate --tta`` measures it. ``ood_score`` is the original image's alone (why: see
+FlipAveraged). Grad-CAM (``--explain``) explains the original image.
+
 Unreadable files are found by TensorFlow's own decoder, the one the model is fed with: the pipeline decodes
 (index, image) pairs with ``ignore_errors()``, so a failed index is simply absent from the output, and only those
 few files are opened again with PIL (:func:`multitask.data.image_problem`) to say *why*. No per-file PIL check is
@@ -43,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.data import IMAGE_EXTENSIONS, image_problem, indexed_images, is_image_file
-from multitask.engines import Engine
+from multitask.engines import Engine, FlipAveraged
 from multitask.errors import ConfigError, DataError, RunError
 from multitask.files import file_sha256, write_csv, write_json
 from multitask.filesystem import WalkReport, is_regular_file, log_walk_report, walk_files
@@ -108,8 +116,9 @@ class Predictor:
 
     def __init__(self, engine: Engine, *, labels: dict[str, Sequence[str]], threshold: float | None = None,
                  ood_threshold: float | None = None, model=None, organ_thresholds: Mapping[str, float] | None = None,
-                 threshold_source: str | None = None):
-        self.engine = engine
+                 threshold_source: str | None = None, tta: bool = False):
+        self.tta = bool(tta)  # flip test-time augmentation: every forward pass goes through FlipAveraged
+        self.engine = FlipAveraged(engine) if self.tta else engine
         self.tasks = engine.tasks
         missing = [t for t in self.tasks if t not in labels]
         if not self.tasks or missing:
@@ -131,12 +140,13 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | os.PathLike | RunInfo, *, engine: str = "keras", calibrated: bool = True,
-                 threshold: float | None = None) -> Predictor:
+                 threshold: float | None = None, tta: bool = False) -> Predictor:
         """Load a finished run (``rundir.open_run`` says what is missing if it is not one) with its ``engine``
         (keras, onnx, int8: the latter two are exported on first use) and its own operating point, unless
         ``threshold`` overrides it (and the per-organ ones). ``calibrated=False`` shows the raw softmax (keras engine
         only), judged at 0.5 unless ``threshold`` is given: the run's threshold was chosen on calibrated
-        probabilities."""
+        probabilities. ``tta=True`` averages each image's probabilities with its horizontal mirror's (see the
+        module docstring), at twice the forward pass's cost."""
         from multitask.export import load_engine, require_engine_extras
 
         info = run if isinstance(run, RunInfo) else open_run(run)
@@ -153,7 +163,7 @@ class Predictor:
             organ_thresholds = {organ: row["threshold"] for organ, row in info.organ_thresholds.items()
                                 if row.get("source") == "organ"}
         predictor = cls(runtime, labels=info.labels, threshold=threshold, ood_threshold=info.ood_threshold,
-                        model=model, organ_thresholds=organ_thresholds, threshold_source=source)
+                        model=model, organ_thresholds=organ_thresholds, threshold_source=source, tta=tta)
         predictor.model_sha256 = info.config.get("model_sha256") or file_sha256(info.model_path)
         return predictor
 
@@ -285,6 +295,8 @@ class Predictor:
                 columns[probability_column(task, label)] = probs[task][:, j]
         if "cancer" in self.tasks:
             columns["cancer_prob"] = decided_prob
+        if self.tta:
+            columns["tta"] = np.full(n, True)
         columns["error"] = list(errors)
         return pd.DataFrame(columns)
 

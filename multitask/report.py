@@ -116,13 +116,21 @@ def _where(metrics: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------- report.md
 
 
+def tta_sentence(metrics: dict[str, Any]) -> str:
+    """" With flip test-time augmentation: ..." when the evaluation used it (metrics["tta"]), else ""."""
+    if not metrics.get("tta"):
+        return ""
+    return (" With flip test-time augmentation (--tta): each image's probabilities are the mean of the image's and "
+            "its horizontal mirror's, at twice the inference cost; the OOD score is the original image's.")
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """The markdown report of a metrics dict from :func:`multitask.evaluate.evaluate_run`."""
     boot = metrics["bootstrap"]
     lines = [f"# Evaluation of `{metrics['run']}`", "",
              f"{metrics['n_images']} images: {_where(metrics)}, at {metrics['image_size']} px. "
-             f"{calibration_sentence(metrics)} Intervals are 95% bootstrap intervals ({boot['resamples']:,} "
-             f"resamples of the evaluated images, stratified by true class, seed {boot['seed']})"
+             f"{calibration_sentence(metrics)}{tta_sentence(metrics)} Intervals are 95% bootstrap intervals "
+             f"({boot['resamples']:,} resamples of the evaluated images, stratified by true class, seed {boot['seed']})"
              + (f"; {boot['small_groups']}." if boot.get("small_groups") else "."), ""]
     note = overlap_note(metrics.get("overlap"))
     if note:
@@ -214,7 +222,8 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
               f"the heads on a frozen backbone, phase 2 {config['epochs']['fine_tune']} epoch(s) of fine-tuning "
               f"from `{settings.get('unfreeze_from')}`; the saved model is the {config['saved']['phase']} phase's "
               f"best epoch on the validation objective.",
-              f"- **Loss weighting:** {config['weighting']['method']}; seed {config['seed']}; trained "
+              f"- **Loss weighting:** {config['weighting']['method']}; sample balance: {_balance(settings)}; "
+              f"fine-tuning augmentation: {settings.get('augment', 'standard')}; seed {config['seed']}; trained "
               f"{config.get('finished', 'n/a')}.",
               "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()) + ".", ""]
     lines += ["## Intended use", "",
@@ -228,6 +237,12 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
     lines += _metrics(metrics, calibration)
     lines += _limitations(run, metrics, split, synthetic)
     return "\n".join(lines) + "\n"
+
+
+def _balance(settings: dict[str, Any]) -> str:
+    """The run's --balance mode; an older config.json holds true/false, which meant classes/none."""
+    value = settings.get("balance", "none")
+    return ("classes" if value else "none") if isinstance(value, bool) else str(value)
 
 
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:
@@ -260,8 +275,8 @@ def _taxonomy(run: RunInfo) -> list:
 
 
 def _metrics(metrics: dict[str, Any], calibration: dict[str, Any]) -> list:
-    lines = ["## Metrics", "", f"Evaluated on {metrics['n_images']} images: {_where(metrics)}. Values with 95% "
-             "bootstrap intervals (stratified by true class).", ""]
+    lines = ["## Metrics", "", f"Evaluated on {metrics['n_images']} images: {_where(metrics)}.{tta_sentence(metrics)} "
+             "Values with 95% bootstrap intervals (stratified by true class).", ""]
     rows = []
     for task in metrics["tasks"]:
         rows += [[task, HEADLINE[k], with_interval(metrics[task], k)] for k in HEADLINE

@@ -364,7 +364,7 @@ class RunDir:
                               "to replace it")
         settings_path = self.state_dir / "settings.json"
         if not config.overwrite and settings_path.is_file():
-            before = json.loads(settings_path.read_text(encoding="utf-8"))
+            before = _as_saved_now(json.loads(settings_path.read_text(encoding="utf-8")))
             now = config.to_dict()
             changed = [k for k in now if k not in RESUMABLE_ANYWAY and before.get(k) != now[k]]
             if changed:
@@ -428,6 +428,16 @@ def save_model(model, path: str | os.PathLike) -> Path:
                            "the same command (the run resumes)") from exc
         raise
     return Path(path)
+
+
+def _as_saved_now(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings an older version saved, as this one saves them (balance true/false -> "classes"/"none", a setting
+    added since at its default), so that resuming an unfinished run compares like with like; as given if they do not
+    load."""
+    try:
+        return TrainConfig.from_dict(settings).to_dict()
+    except (ConfigError, TypeError):
+        return settings
 
 
 def _split_file_roots(config: TrainConfig) -> list[Path]:

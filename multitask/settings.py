@@ -28,6 +28,14 @@ SWITCHES = ("auto", "on", "off")  # --jit-compile (auto: on where a GPU is prese
 # cache folder (images x side^2 x 3 bytes: 196,608 per 256 px image, 25.6 GB for the full Kaggle set).
 DECODED_CACHE_DISK_SHARE = 0.5
 WEIGHTINGS = ("static", "uncertainty")
+# --balance: "classes" weights each head's loss so its classes count equally (sklearn's "balanced" per head);
+# "organs" weights every image by the inverse of its organ's share, in BOTH heads' losses, so a small organ counts as
+# much as a large one in the cancer loss too (multitask.data.organ_weights). A config.json from before these modes
+# holds true/false, which meant "classes"/"none" and still does (TrainConfig.__post_init__).
+BALANCES = ("none", "classes", "organs")
+# Fine-tuning augmentation (multitask.augment says what each one does and why it keeps the label): none, standard
+# (flips, rotation up to ~10.8 degrees, 10% brightness/contrast: what every run before this setting used), strong.
+AUGMENTS = ("none", "standard", "strong")
 SPLITS = ("train", "val", "test")
 SPLIT_METHODS = ("random", "grouped")
 DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one source stay in one split
@@ -84,7 +92,8 @@ class TrainConfig:
     fine_tune_learning_rate: float | None = None  # None: learning_rate / 10
     loss_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     weighting: str = "static"
-    balance: bool = False
+    balance: str = "none"  # BALANCES; true/false in an older config.json mean "classes"/"none"
+    augment: str = "standard"  # AUGMENTS: fine-tuning's augmentation strength (phase 1 sees no augmentation)
     split_file: str | None = None
     split: str = DEFAULT_SPLIT_METHOD
     min_inliers: int | None = None  # grouped split: None = GroupingParams.min_inliers
@@ -117,6 +126,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.fine_tune_epochs is None:  # the default depends on the weights: resolved once, here
             self.fine_tune_epochs = PRETRAINED_FINE_TUNE_EPOCHS if self.pretrained else 0
+        if isinstance(self.balance, bool):  # an older config.json (or caller): balance was a switch of class weights
+            self.balance = "classes" if self.balance else "none"
 
     def validate(self) -> TrainConfig:
         """Return self, or raise ConfigError naming the bad setting."""
@@ -124,6 +135,8 @@ class TrainConfig:
             (self.task in TASK_CHOICES, f"$task must be one of {', '.join(TASK_CHOICES)}, got {self.task!r}"),
             (self.weighting in WEIGHTINGS, f"$weighting must be one of {', '.join(WEIGHTINGS)}, got "
                                            f"{self.weighting!r}"),
+            (self.balance in BALANCES, f"$balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
+            (self.augment in AUGMENTS, f"$augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
             (self.strategy in STRATEGIES, f"$strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.split in SPLIT_METHODS, f"$split must be one of {', '.join(SPLIT_METHODS)}, got {self.split!r}"),
             (self.precision in PRECISIONS, f"$precision must be one of {', '.join(PRECISIONS)}, got "

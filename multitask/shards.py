@@ -85,11 +85,12 @@ def inputs_digest(files: Sequence[str]) -> str:
 
 def operating_point(predictor) -> str:
     """The predictor's decision rule as text: the malignancy threshold and any per-organ ones ("none" without a
-    cancer head)."""
+    cancer head), and " + flip TTA" when it averages each image with its mirror."""
+    tta = " + flip TTA" if getattr(predictor, "tta", False) else ""  # other probabilities: never merged with plain
     if "cancer" not in predictor.tasks:
-        return "none"
+        return "none" + tta
     organs = getattr(predictor, "organ_thresholds", None) or {}
-    return "; ".join([f"{predictor.threshold:.6g}", *(f"{organ} {t:.6g}" for organ, t in sorted(organs.items()))])
+    return "; ".join([f"{predictor.threshold:.6g}", *(f"{organ} {t:.6g}" for organ, t in sorted(organs.items()))]) + tta
 
 
 def predict_shard(predictor, files: Sequence[str], shard: Shard, **options) -> pd.DataFrame:

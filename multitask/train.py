@@ -34,7 +34,15 @@ import pandas as pd
 from multitask import callbacks as handlers
 from multitask.accelerate import dtype_policy, float32_copy, make_optimizer, resolve_jit, resolve_precision
 from multitask.calibration import calibration_record, fit_calibration
-from multitask.data import class_weights, indexed_images, make_dataset, sample_weights, scan_tree, task_labels
+from multitask.data import (
+    BALANCE_KEYS,
+    balance_weights,
+    indexed_images,
+    make_dataset,
+    sample_weights,
+    scan_tree,
+    task_labels,
+)
 from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.errors import DataError
@@ -125,7 +133,7 @@ class Trainer:
             self.fit_rows = fit_rows
             features = self.features(fit_rows)
             self.monitor = f"val_{MONITOR}" if (split["split"] == "val").any() else MONITOR
-            balance = class_weights(split[split["split"] == "train"], config.tasks) if config.balance else None
+            balance = balance_weights(split[split["split"] == "train"], config.tasks, config.balance)
             heads = self.train_heads(features, fit_rows, balance)
             tuned = self.fine_tune(split, features, heads, balance) if config.fine_tune_epochs else None
             if not self.keeps_run:
@@ -194,6 +202,13 @@ class Trainer:
                                           cache_dir=self.cache_dir, verbose=self.config.verbose)
         return self.decoded
 
+    def sample_weights(self, rows: pd.DataFrame, balance: dict | None) -> dict[str, np.ndarray] | None:
+        """Per task, the ``--balance`` weight of each of ``rows`` (by its own class, or by its organ); None without
+        balancing."""
+        if not balance:
+            return None
+        return sample_weights(rows, balance, by=BALANCE_KEYS[self.config.balance])
+
     # ------------------------------------------------------------------------------------------- phase 1
 
     def train_heads(self, features: Features, fit_rows: pd.DataFrame, balance: dict | None) -> PhaseResult:
@@ -208,7 +223,7 @@ class Trainer:
         start = time.perf_counter()
         tasks, config = self.config.tasks, self.config
         labels = {t: fit_rows[f"{t}_id"].to_numpy(np.int32)[features.rows] for t in tasks}
-        weights = sample_weights(fit_rows.iloc[features.rows], balance) if balance else None
+        weights = self.sample_weights(fit_rows.iloc[features.rows], balance)
         is_train = (fit_rows["split"].to_numpy() == "train")[features.rows]
 
         def subset(mask, training):
@@ -242,6 +257,9 @@ class Trainer:
         unreadable = set(features.skipped)  # known from phase 1: leaving them out keeps the epoch length known
         decoded = self.decoded_cache() if self.use_decoded else None
 
+        def augmenter(training):  # --augment's strength on the training images; None for none, and for validation
+            return make_augmenter(config.seed, strength=config.augment) if training else None
+
         def dataset(name, training):
             if decoded is not None:  # the train and val rows, in split order, that the cache holds
                 positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), decoded.rows)
@@ -250,16 +268,16 @@ class Trainer:
                 rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
             if rows.empty:
                 return None
-            weights = sample_weights(rows, balance) if balance else None
+            weights = self.sample_weights(rows, balance)
             if weights is not None and config.task != "joint":
                 weights = weights[config.task]
             if decoded is not None:
                 return decoded_dataset(decoded, positions, task_labels(rows, config.task),
                                        batch_size=config.batch_size, training=training, seed=config.seed,
-                                       sample_weight=weights, augment=make_augmenter(config.seed) if training else None)
+                                       sample_weight=weights, augment=augmenter(training))
             return make_dataset(rows, image_size=config.image_size, batch_size=config.batch_size, task=config.task,
                                 training=training, seed=config.seed, sample_weight=weights, known_length=True,
-                                augment=make_augmenter(config.seed) if training else None)
+                                augment=augmenter(training))
 
         with self.strategy.scope():
             trainable = freeze_backbone(self.parts.backbone, unfreeze_from=config.unfreeze_from)
@@ -395,7 +413,9 @@ class Trainer:
             "weighting": self.weighting.state(),
             "calibration": calibration,
             "ood": ood,
-            "class_weights": balance,
+            "class_weights": balance if config.balance == "classes" else None,
+            # --balance organs: each organ's weight, in both heads' losses (multitask.data.organ_weights)
+            "organ_weights": _organ_weights_record(balance, self.taxonomy) if config.balance == "organs" else None,
             "split_counts": split["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict(),
             "features": {"cache": str(features.path), "reused": features.reused, "images": int(len(features.rows)),
                          "skipped": features.skipped},
@@ -428,6 +448,14 @@ def _check_classes(split: pd.DataFrame, tasks: Sequence[str]) -> None:
                             f"({', '.join(map(str, found)) or 'none'}): a {task} head needs images of at least two "
                             f"classes, or it learns to give one answer always{other}. Add images of other "
                             "subclasses to the data or the split")
+
+
+def _organ_weights_record(balance: dict | None, taxonomy) -> dict[str, float] | None:
+    """``{organ label: weight}`` of --balance organs for config.json (every head shares them)."""
+    if not balance:
+        return None
+    labels = taxonomy.labels("organ")
+    return {labels[organ]: round(weight, 6) for organ, weight in next(iter(balance.values())).items()}
 
 
 def _better(candidate: float | None, incumbent: float | None) -> bool:

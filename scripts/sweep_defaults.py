@@ -11,6 +11,11 @@ the seeds, because one small validation split is noisy; the recipe with the best
 and cancer ROC-AUC wins. The test split is scored too, for the README, and never used to choose. Writes
 ``runs.csv`` (one row per run), ``sweep.csv`` (one row per recipe: mean and min-max over the seeds) and
 ``sweep.json`` into ``--out``, and prints both tables and the winner.
+
+A recipe is training settings (TrainConfig fields: image size, fine-tuning, ``augment``, ``balance``...) plus
+evaluation options (:data:`EVALUATION_OPTIONS`: ``tta``, flip test-time augmentation, scored with
+``evaluate_run(..., tta=True)``). Recipes that train the same model share one run per seed: a ``-tta`` recipe
+scores its twin's run again instead of training it twice, and reports the twin's training time.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import pandas as pd  # noqa: E402
 
 from multitask.data import scan  # noqa: E402
 from multitask.evaluate import evaluate_run  # noqa: E402
+from multitask.rundir import CONFIG_FILE, open_run  # noqa: E402
 from multitask.settings import TrainConfig  # noqa: E402
 from multitask.splits import save_split, split_manifest  # noqa: E402
 from multitask.train import train  # noqa: E402
 
-# The candidates: image size, fine-tuning (epochs and the block unfrozen from), on top of the frozen defaults.
+# The candidates: image size, fine-tuning (epochs and the block unfrozen from), augmentation strength, organ-balanced
+# sample weights and flip test-time augmentation, on top of the frozen defaults.
 RECIPES = {
     "frozen-160": {"image_size": 160},
     "frozen-256": {"image_size": 256},
@@ -41,13 +48,40 @@ RECIPES = {
     "tuned-256-mixed7-e2": {"image_size": 256, "fine_tune_epochs": 2, "unfreeze_from": "mixed7"},
     "tuned-256-mixed7-e3": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
     "tuned-299-mixed7-e3": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
+    "frozen-256-organs": {"image_size": 256, "balance": "organs"},
+    "frozen-256-tta": {"image_size": 256, "tta": True},
+    "tuned-256-mixed7-e3-noaug": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                  "augment": "none"},
+    "tuned-256-mixed7-e3-strong": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "augment": "strong"},
+    "tuned-256-mixed7-e3-organs": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "balance": "organs"},
+    "tuned-256-mixed7-e3-tta": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7", "tta": True},
 }
+EVALUATION_OPTIONS = ("tta",)  # recipe keys that say how a run is scored, not how it is trained
 CHOICE = ("val_organ_bacc", "val_cancer_auc")  # the recipe with the best mean of these (over seeds) wins
 
 
-def scores(run_dir: Path, split: str, out: Path) -> dict:
+def training_settings(recipe: str) -> dict:
+    """The TrainConfig fields of ``recipe`` (its evaluation options left out), fine-tuning off unless it says."""
+    return {"fine_tune_epochs": 0, **{k: v for k, v in RECIPES[recipe].items() if k not in EVALUATION_OPTIONS}}
+
+
+def trained_as(recipe: str) -> str:
+    """The first recipe that trains the same model as ``recipe`` (itself, unless only evaluation options differ)."""
+    return next(name for name in RECIPES if training_settings(name) == training_settings(recipe))
+
+
+def recipe_config(recipe: str, seed: int, *, split_file: Path, out: Path, weights: str) -> TrainConfig:
+    """The validated TrainConfig of ``recipe`` for ``seed``: its run goes to runs/<trained_as>-s<seed>."""
+    return TrainConfig(out=str(out / "runs" / f"{trained_as(recipe)}-s{seed}"), split_file=str(split_file),
+                       weights=weights, seed=seed, cache_dir=str(out / "cache"), overwrite=True, verbose=0,
+                       **training_settings(recipe)).validate()
+
+
+def scores(run_dir: Path, split: str, out: Path, *, tta: bool = False) -> dict:
     """One split's headline numbers and per-organ cancer sensitivity / specificity at the run's operating point."""
-    metrics = evaluate_run(run_dir, split=split, out=out, resamples=200)
+    metrics = evaluate_run(run_dir, split=split, out=out, resamples=200, tta=tta)
     organ, cancer = metrics.get("organ", {}), metrics["cancer"]
     row = {f"{split}_organ_acc": organ.get("accuracy"), f"{split}_organ_bacc": organ.get("balanced_accuracy"),
            f"{split}_cancer_auc": cancer["roc_auc"], f"{split}_cancer_bacc": cancer["balanced_accuracy"],
@@ -58,17 +92,24 @@ def scores(run_dir: Path, split: str, out: Path) -> dict:
     return row
 
 
-def run_one(recipe: str, seed: int, *, split_file: Path, out: Path, args) -> dict:
-    run_dir = out / "runs" / f"{recipe}-s{seed}"
-    config = TrainConfig(out=str(run_dir), split_file=str(split_file), weights=args.weights, seed=seed,
-                         cache_dir=str(out / "cache"), overwrite=True, verbose=0,
-                         **{"fine_tune_epochs": 0, **RECIPES[recipe]})
-    start = time.perf_counter()
-    info = train(config)
-    row = {"recipe": recipe, "seed": seed, "train_s": round(time.perf_counter() - start, 1),
+def run_one(recipe: str, seed: int, *, split_file: Path, out: Path, args, rows: list[dict]) -> dict:
+    """Train ``recipe`` for ``seed`` (or reuse the run of a twin in ``rows`` that trained the same model, see
+    :func:`trained_as`) and score it on val and test."""
+    config = recipe_config(recipe, seed, split_file=split_file, out=out, weights=args.weights)
+    run_dir = Path(config.out)
+    twin = next((r for r in rows if r["seed"] == seed and r["recipe"] in RECIPES
+                 and trained_as(r["recipe"]) == trained_as(recipe)), None)
+    if twin is not None and (run_dir / CONFIG_FILE).is_file():
+        info, train_s = open_run(run_dir), twin["train_s"]
+    else:
+        start = time.perf_counter()
+        info = train(config)
+        train_s = round(time.perf_counter() - start, 1)
+    row = {"recipe": recipe, "seed": seed, "train_s": train_s,
            "saved": f"{info.config['saved']['phase']}@{info.config['saved']['epoch']}"}
     for split in ("val", "test"):
-        row.update(scores(run_dir, split, out / "eval" / f"{recipe}-s{seed}" / split))
+        row.update(scores(run_dir, split, out / "eval" / f"{recipe}-s{seed}" / split,
+                          tta=RECIPES[recipe].get("tta", False)))
     print(pd.Series(row).to_string(), flush=True)
     return row
 
@@ -116,7 +157,7 @@ def main() -> None:
         for recipe in recipes:
             if any(r["recipe"] == recipe and r["seed"] == seed for r in rows):
                 continue
-            rows.append(run_one(recipe, seed, split_file=split_file, out=out, args=args))
+            rows.append(run_one(recipe, seed, split_file=split_file, out=out, args=args, rows=rows))
             pd.DataFrame(rows).to_csv(done, index=False)
     runs = pd.DataFrame(rows)
     runs = runs[runs["recipe"].isin(recipes) & runs["seed"].isin(seeds)]

@@ -1,0 +1,199 @@
+"""The recipe options of issue 22: organ-balanced sample weights, augmentation strength, flip test-time augmentation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multitask import cli
+from multitask.augment import AMOUNTS, JITTER, MAX_ROTATION, augment_amounts, make_augmenter
+from multitask.data import balance_weights, class_weights, organ_weights, sample_weights
+from multitask.errors import ConfigError, cli_message
+from multitask.predict import Predictor
+from multitask.report import _balance
+from multitask.rundir import _as_saved_now
+from multitask.settings import AUGMENTS, TrainConfig
+from multitask.shards import operating_point
+from multitask.train import Trainer
+
+SWEEP = Path(__file__).resolve().parents[1] / "scripts" / "sweep_defaults.py"
+
+
+@pytest.fixture
+def six_three_one() -> pd.DataFrame:
+    """Ten training rows of three organs, 6 / 3 / 1 images, with both cancer classes inside the largest organ."""
+    return pd.DataFrame({"organ_id": [0] * 6 + [1] * 3 + [2],
+                         "cancer_id": [0, 0, 0, 0, 1, 1] + [1, 1, 1] + [1]})
+
+
+# ----------------------------------------------------------------------------------------------- --balance organs
+
+
+def test_organ_weights_are_the_inverse_organ_share_with_mean_one(six_three_one):
+    weights = organ_weights(six_three_one, ("organ", "cancer"))
+    expected = {0: 10 / 18, 1: 10 / 9, 2: 10 / 3}  # n / (k * n_organ): 10 rows, 3 organs
+    assert weights.keys() == {"organ", "cancer"}
+    for task in ("organ", "cancer"):
+        assert weights[task].keys() == expected.keys()
+        np.testing.assert_allclose([weights[task][o] for o in expected], list(expected.values()), rtol=1e-12)
+    per_row = sample_weights(six_three_one, weights, by="organ")
+    # Both heads weigh a row by its ORGAN: the cancer head's weights do not follow the cancer class...
+    np.testing.assert_array_equal(per_row["cancer"], per_row["organ"])
+    np.testing.assert_allclose(per_row["cancer"], [10 / 18] * 6 + [10 / 9] * 3 + [10 / 3], rtol=1e-6)
+    assert per_row["cancer"].mean() == pytest.approx(1.0)
+    # ...and every organ's images together weigh the same in each head's loss.
+    totals = pd.Series(per_row["cancer"]).groupby(six_three_one["organ_id"]).sum()
+    np.testing.assert_allclose(totals, [10 / 3] * 3, rtol=1e-6)
+
+
+def test_balance_modes_pick_their_weights(six_three_one):
+    tasks = ("organ", "cancer")
+    assert balance_weights(six_three_one, tasks, "none") is None
+    assert balance_weights(six_three_one, tasks, "classes") == class_weights(six_three_one, tasks)
+    assert balance_weights(six_three_one, tasks, "organs") == organ_weights(six_three_one, tasks)
+    with pytest.raises(ConfigError, match="'both'"):
+        balance_weights(six_three_one, tasks, "both")
+    # The trainer reads "organs" weights by each row's organ and "classes" weights by each head's own class.
+    organs = Trainer.sample_weights(SimpleNamespace(config=TrainConfig(data="x", balance="organs")), six_three_one,
+                                    organ_weights(six_three_one, tasks))
+    assert organs["cancer"][0] == organs["cancer"][4]  # same organ, other cancer class: same weight
+    classes = Trainer.sample_weights(SimpleNamespace(config=TrainConfig(data="x", balance="classes")), six_three_one,
+                                     class_weights(six_three_one, tasks))
+    assert classes["cancer"][0] != classes["cancer"][4]  # 4 benign vs 6 malignant rows: class weights differ
+
+
+def test_an_old_balance_switch_still_means_what_it_meant():
+    old = {"data": "x", "balance": True}  # config.json before --balance had modes: true/false, no "augment"
+    assert TrainConfig.from_dict(old).validate().balance == "classes"
+    assert TrainConfig.from_dict({**old, "balance": False}).validate().balance == "none"
+    assert TrainConfig(data="x", balance=True).balance == "classes"  # an older caller's keyword
+    assert _balance({"balance": True}) == "classes" and _balance({"balance": False}) == "none"  # the model card
+    assert _balance({"balance": "organs"}) == "organs"
+    # An unfinished run started before the modes (and before --augment) resumes with the same meaning.
+    saved_then = {**TrainConfig(data="x").to_dict(), "balance": False}
+    del saved_then["augment"]
+    assert _as_saved_now(saved_then) == TrainConfig(data="x", balance="none", augment="standard").to_dict()
+    with pytest.raises(ConfigError, match="'sometimes'"):
+        TrainConfig(data="x", balance="sometimes").validate()
+
+
+def test_balance_and_augment_flags_parse():
+    parser = cli.build_parser()
+    train = ["train", "--out", "run", "--data", "d"]
+    assert parser.parse_args(train).balance == "none"
+    assert parser.parse_args([*train, "--balance"]).balance == "classes"  # the bare flag keeps its old meaning
+    assert parser.parse_args([*train, "--balance", "organs"]).balance == "organs"
+    assert parser.parse_args([*train, "--balance", "--augment", "strong"]).augment == "strong"
+    assert parser.parse_args(train).augment == "standard"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*train, "--augment", "wild"])
+
+
+# ----------------------------------------------------------------------------------------------- --augment
+
+
+def test_augment_strength_default_is_todays_and_a_bad_one_is_named():
+    assert TrainConfig(data="x").augment == "standard"
+    assert augment_amounts("standard") == (0.03, 0.1) == (MAX_ROTATION, JITTER)  # what every earlier run used
+    assert set(AMOUNTS) == set(AUGMENTS)
+    strong, standard = augment_amounts("strong"), augment_amounts("standard")
+    assert strong.max_rotation > standard.max_rotation and strong.jitter > standard.jitter
+    assert augment_amounts("none") is None and make_augmenter(0, strength="none") is None
+    for bad in (lambda: TrainConfig(data="x", augment="wild").validate(), lambda: augment_amounts("wild")):
+        with pytest.raises(ConfigError) as caught:
+            bad()
+        assert "'wild'" in str(caught.value) and "--augment" in cli_message(caught.value)
+
+
+# ----------------------------------------------------------------------------------------------- --tta
+
+
+def tta_twin(predictor: Predictor, **overrides) -> Predictor:
+    """``predictor``'s engine and operating point with flip TTA on (no second model load)."""
+    options = dict(labels=predictor.labels, threshold=predictor.threshold, ood_threshold=predictor.ood_threshold,
+                   organ_thresholds=predictor.organ_thresholds, threshold_source=predictor.threshold_source)
+    return Predictor(predictor.engine, **{**options, **overrides}, tta=True)
+
+
+def test_tta_leaves_a_mirror_symmetric_image_unchanged(joint_predictor):
+    size = joint_predictor.image_size
+    half = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.float32)
+    symmetric = (half + half[:, :, ::-1, :]) / 2  # exactly equal to its horizontal mirror
+    plain = joint_predictor.predict_arrays(symmetric)
+    flipped = tta_twin(joint_predictor).predict_arrays(symmetric)
+    assert plain.keys() == flipped.keys() and "ood_score" in plain
+    for name in plain:
+        np.testing.assert_allclose(flipped[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_tta_averages_an_image_with_its_mirror(joint_predictor, tmp_path):
+    size = joint_predictor.image_size
+    ramp = np.linspace(0, 255, size, dtype=np.float32)  # dark on the left, bright on the right, with a blob
+    image = np.repeat(np.repeat(ramp[None, None, :, None], size, axis=1), 3, axis=3)
+    image[0, size // 3: size // 2, : size // 4, 0] = 255.0
+    mirror = image[:, :, ::-1, :].copy()
+    plain, mirrored = joint_predictor.predict_arrays(image), joint_predictor.predict_arrays(mirror)
+    tta = tta_twin(joint_predictor)
+    averaged = tta.predict_arrays(image)
+    for task in joint_predictor.tasks:
+        assert np.abs(plain[task] - mirrored[task]).max() > 1e-3  # the mirror answers differently: not vacuous
+        np.testing.assert_allclose(averaged[task], (plain[task] + mirrored[task]) / 2, rtol=1e-5, atol=1e-6)
+    # The OOD score is the original image's, not the mirror's nor their mean.
+    assert abs(plain["ood_score"][0] - mirrored["ood_score"][0]) > 1e-4
+    np.testing.assert_allclose(averaged["ood_score"], plain["ood_score"], rtol=1e-5)
+    # The organ is the argmax of the averaged probabilities, and its own threshold decides the cancer answer.
+    organs = joint_predictor.labels["organ"]
+    own = {organ: 0.05 + 0.1 * i for i, organ in enumerate(organs)}
+    row = tta_twin(joint_predictor, organ_thresholds=own).predict_images([image[0]], ["ramp"]).iloc[0]
+    organ = organs[int(np.argmax((plain["organ"] + mirrored["organ"])[0]))]
+    assert row["organ"] == organ and row["tta"]
+    assert row["malignancy_threshold"] == pytest.approx(own[organ]) and row["threshold_source"] == "organ"
+    # Parts of a sharded job made with and without TTA are never merged as one.
+    assert operating_point(tta) != operating_point(joint_predictor)
+    assert "tta" not in joint_predictor.predict_images([image[0]], ["ramp"]).columns
+
+
+def test_predict_cli_says_tta(joint_run, demo_split_csv, tmp_path, capsys):
+    split = pd.read_csv(demo_split_csv)
+    files = split.loc[split["split"] == "test", "path"].head(2).tolist()
+    out = tmp_path / "tta.csv"
+    assert cli.main(["predict", str(joint_run), *files, "--tta", "--out", str(out)]) == 0
+    assert "with flip TTA" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert frame["tta"].tolist() == [True, True]
+
+
+def test_evaluate_with_tta_says_so(joint_run, tmp_path):
+    from multitask.evaluate import MODEL_CARD_FILE, PREDICTIONS_FILE, REPORT_FILE, evaluate_run
+
+    metrics = evaluate_run(joint_run, split="val", out=tmp_path / "eval", resamples=20, tta=True)
+    assert metrics["tta"] is True
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] is True
+    for name in (REPORT_FILE, MODEL_CARD_FILE):
+        assert "flip test-time augmentation (--tta)" in (tmp_path / "eval" / name).read_text()
+    assert pd.read_csv(tmp_path / "eval" / PREDICTIONS_FILE)["tta"].all()
+
+
+# ----------------------------------------------------------------------------------------------- the sweep
+
+
+def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("sweep_defaults", SWEEP)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for recipe in sweep.RECIPES:
+        config = sweep.recipe_config(recipe, 42, split_file=tmp_path / "split.csv", out=tmp_path, weights="w")
+        assert config.image_size == sweep.RECIPES[recipe]["image_size"]
+    tta = sweep.recipe_config("tuned-256-mixed7-e3-tta", 7, split_file=tmp_path / "s.csv", out=tmp_path, weights="w")
+    assert tta.out.endswith("tuned-256-mixed7-e3-s7")  # scored with TTA on its twin's run: trained once
+    assert sweep.RECIPES["tuned-256-mixed7-e3-tta"]["tta"] is True
+    assert sweep.recipe_config("tuned-256-mixed7-e3-strong", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").augment == "strong"
+    assert sweep.recipe_config("frozen-256-organs", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").balance == "organs"
