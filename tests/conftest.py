@@ -3,7 +3,7 @@
 The suite runs on two pytest-xdist workers (pyproject's addopts: ``-n 2 --dist loadfile
 --no-loadscope-reorder``: a whole module per worker, in the order of FIRST below). Each session fixture that costs
 something (the data, the runs) is built once per test session, by the first worker that needs it, in a folder both
-workers see, under a file lock (:func:`shared`); the other worker waits and reuses it. ``pytest -p no:xdist`` runs
+workers see, under a file lock (:func:`shared`); the other worker waits and reuses it. ``pytest -n 0`` runs
 everything in one process, as before.
 """
 
@@ -43,8 +43,9 @@ JOINT_SETTINGS = {"epochs": 8, "learning_rate": 3e-3, "patience": 8}
 
 
 # The modules that take longest start first, so neither worker is left with a long one at the end (pytest
-# --durations, 2 cores: the real-sample runs, the notebooks, the exports, the multi-worker pair).
-FIRST = ("test_real_default.py", "test_real_sample.py", "test_ood.py", "test_notebooks.py", "test_export.py",
+# --durations, 2 cores: the real-sample runs, the notebooks, the exports, the multi-worker pair). The notebooks come
+# second so that the other worker starts on them, not waiting for the real split the first one is making.
+FIRST = ("test_real_default.py", "test_notebooks.py", "test_real_sample.py", "test_ood.py", "test_export.py",
          "test_scale_out.py", "test_train.py", "test_safety.py", "test_explain.py", "test_accelerate.py",
          "test_demo.py")
 

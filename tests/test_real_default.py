@@ -6,11 +6,13 @@ bars' provenance is in test_real_sample.py's docstring.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from multitask.evaluate import evaluate_run
+from multitask.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate_run
 from multitask.export import ARTIFACTS, EXPORT_FILE, TOLERANCE, export_dir, export_run
 from multitask.files import read_json
 from multitask.predict import Predictor
@@ -19,8 +21,16 @@ from multitask.splits import load_split
 
 
 @pytest.fixture(scope="module")
-def default(real_default_run, tmp_path_factory) -> dict:
-    return evaluate_run(real_default_run, split="test", out=tmp_path_factory.mktemp("default-eval"), resamples=200)
+def default_eval(real_default_run, tmp_path_factory) -> Path:
+    """`multitask evaluate` of the default run on its test split: the folder (metrics and per-image predictions)."""
+    out = tmp_path_factory.mktemp("default-eval")
+    evaluate_run(real_default_run, split="test", out=out, resamples=200)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default(default_eval) -> dict:
+    return read_json(default_eval / METRICS_FILE)
 
 
 def validation(run, tmp_path) -> dict:
@@ -45,7 +55,7 @@ def test_default_recipe_learns_real_images_and_its_config_describes_the_saved_mo
     assert default["cancer"]["roc_auc"] >= 0.86
 
 
-def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_default_run):
+def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_default_run, default_eval):
     """int8 where the product promises it: a pretrained real-sample run at 256 px. Measured on its 32 check images
     (seed 42): max |difference| 0.047 (organ) / 0.034 (cancer) under XNNPACK, with oneDNN at full ISA or AVX2, and
     0.063 / 0.028 under LiteRT's reference kernels, against the product's bar of 0.12; answers flipped only at near
@@ -58,11 +68,15 @@ def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_defau
     assert max(result.max_abs_diff.values()) <= TOLERANCE["int8"]["max_abs_diff"] == 0.12
     assert min(result.argmax_agreement.values()) >= TOLERANCE["int8"]["argmax_agreement"] == 0.93
 
+    # Keras' answers on the test split are the evaluation's (one forward pass of the same Predictor, saved per image).
     split = load_split(info.split_path)
     files = split.loc[split["split"] == "test", "path"].tolist()
-    keras_frame = Predictor.from_run(real_default_run).predict(files)
     int8_frame = Predictor.from_run(real_default_run, engine="int8").predict(files)
-    assert list(int8_frame.columns) == [c for c in keras_frame.columns if c not in ("ood_score", "ood")]
+    keras_frame = pd.read_csv(default_eval / PREDICTIONS_FILE).set_index("path").loc[int8_frame["path"]].reset_index()
+    assert len(int8_frame) == len(files) == len(keras_frame)
+    assert list(int8_frame.columns) == [c for c in keras_frame.columns if c in int8_frame.columns]
+    assert {"organ", "cancer", "malignancy_threshold"} <= set(int8_frame.columns)
+    assert not {"ood_score", "ood"} & set(int8_frame.columns)  # no OOD detector in the int8 file
     assert (int8_frame["organ"] == keras_frame["organ"]).mean() >= 0.95
     assert (int8_frame["cancer"] == keras_frame["cancer"]).mean() >= 0.95
     probabilities = [c for c in int8_frame.columns if c.startswith("p_")]
