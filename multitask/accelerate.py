@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterator
 
 import keras
 
+from multitask.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 FLOAT32 = "float32"
+SIXTEEN_BITS = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}  # policy -> the type it computes in
 BFLOAT16_MIN_CAPABILITY = (8, 0)  # NVIDIA Ampere and later compute in bfloat16 at full rate
 
 
@@ -57,6 +60,25 @@ def resolve_precision(choice: str, *, gpus: list[tuple[int, int]] | None = None)
         return choice
     gpus = gpu_capabilities() if gpus is None else gpus
     return "mixed_bfloat16" if gpus and all(c >= BFLOAT16_MIN_CAPABILITY for c in gpus) else FLOAT32
+
+
+def check_precision(policy: str) -> None:
+    """ConfigError unless this machine computes convolutions in ``policy``'s 16-bit type (nothing to check for
+    float32). Probed with one tiny convolution rather than judged from the CPU's name: TensorFlow's oneDNN kernels
+    need AVX-512 (bfloat16: AVX512_BF16 or AMX for speed) and fail on an AVX2-only CPU, or under
+    ``ONEDNN_MAX_CPU_ISA=AVX2``, with an AbortedError deep inside the first training step."""
+    dtype = SIXTEEN_BITS.get(policy)
+    if dtype is None:
+        return
+    try:
+        images = keras.ops.ones((1, 4, 4, 2), dtype=dtype)
+        keras.ops.convert_to_numpy(keras.ops.conv(images, keras.ops.ones((3, 3, 2, 2), dtype=dtype), padding="same"))
+    except Exception as exc:  # noqa: BLE001 - whichever backend and kernel refused, the answer is the same
+        text = " ".join(str(exc).split())
+        reason = text.partition("message:")[2].split(".")[0].strip() or text[:120]  # oneDNN's own words, if any
+        raise ConfigError(f"$precision {policy}: this machine cannot compute {dtype} convolutions "
+                          f"({type(exc).__name__}: {reason}); use --precision float32, or auto, which picks "
+                          "float32 on CPUs") from None
 
 
 def resolve_jit(choice: str, *, gpus: list[tuple[int, int]] | None = None, distributed: bool = False) -> bool:

@@ -32,7 +32,14 @@ import numpy as np
 import pandas as pd
 
 from multitask import callbacks as handlers
-from multitask.accelerate import dtype_policy, float32_copy, make_optimizer, resolve_jit, resolve_precision
+from multitask.accelerate import (
+    check_precision,
+    dtype_policy,
+    float32_copy,
+    make_optimizer,
+    resolve_jit,
+    resolve_precision,
+)
 from multitask.calibration import calibration_record, fit_calibration
 from multitask.data import (
     BALANCE_KEYS,
@@ -99,6 +106,7 @@ class Trainer:
         self.keeps_run = self.workers is None or chief
         keras.utils.set_random_seed(config.seed)  # same seed, same random init: the feature cache stays valid
         self.precision = resolve_precision(config.precision)  # what "auto" means on this machine
+        check_precision(self.precision)  # a CPU without 16-bit kernels: one line now, not a crash in the first step
         self.jit_compile = resolve_jit(config.jit_compile, distributed=config.strategy != "default")
         log.info("precision %s, XLA %s", self.precision, "on" if self.jit_compile else "off")
         self.fit_rows: pd.DataFrame | None = None  # the train and val rows, in that order (features, decoded cache)

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import IMAGE_SIZE
 
 from multitask import cli
-from multitask.accelerate import float32_copy, make_optimizer, resolve_jit, resolve_precision
+from multitask.accelerate import check_precision, float32_copy, make_optimizer, resolve_jit, resolve_precision
 from multitask.data import load_image
 from multitask.errors import ConfigError
 from multitask.model import build_model, model_parts
@@ -73,7 +73,13 @@ def test_float32_copy_keeps_the_weights_and_computes_in_float32():
 
 @pytest.fixture(scope="module")
 def bfloat16_run(demo_split_csv, feature_cache, tmp_path_factory):
-    """A tiny run in mixed_bfloat16: one heads epoch, then one fine-tuning epoch read from the decoded cache."""
+    """A tiny run in mixed_bfloat16: one heads epoch, then one fine-tuning epoch read from the decoded cache. Only
+    where the CPU computes bfloat16 (AVX-512 and later; not AVX2-only CPUs, nor ``ONEDNN_MAX_CPU_ISA=AVX2``): elsewhere
+    `train` refuses in one line, which the test after this one checks on every CPU."""
+    try:
+        check_precision("mixed_bfloat16")
+    except ConfigError as exc:
+        pytest.skip(f"this CPU cannot train in bfloat16 (what train says: {exc})")
     folder = tmp_path_factory.mktemp("bf16")
     split = pd.read_csv(demo_split_csv)  # a third of the images: each split's first 4 of every subclass
     small = save_split(split.groupby(["split", "subclass"]).head(4), folder / "split.csv")
@@ -106,3 +112,24 @@ def _layers(model):
         yield layer
         if isinstance(layer, keras.Model):
             yield from _layers(layer)
+
+
+def test_a_machine_without_16_bit_kernels_is_refused_in_one_line_before_the_run_folder(demo_split_csv, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """An AVX2-only CPU has no oneDNN bfloat16 or float16 convolution: TensorFlow aborts in the first training step.
+    `train` probes one tiny convolution first; here the probe is made to fail as it does on such a CPU."""
+    def no_16_bit_kernel(*args, **kwargs):
+        raise tf.errors.AbortedError(None, None, "Operation received an exception:Status: 3, message: could not "
+                                                 "create a primitive descriptor for the convolution. Run with ...")
+
+    monkeypatch.setattr(keras.ops, "conv", no_16_bit_kernel)
+    out = tmp_path / "run"
+    for precision in ("mixed_bfloat16", "mixed_float16"):
+        assert cli.main(["train", "--split-file", str(demo_split_csv), "--weights", "none", "--image-size",
+                         str(IMAGE_SIZE), "--precision", precision, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1
+        assert f"--precision {precision}" in error and "could not create a primitive descriptor" in error
+        assert "--precision float32" in error
+        assert not out.exists()
+    check_precision("float32")  # float32 is never probed
