@@ -108,7 +108,7 @@ def test_int8_export_of_a_random_init_run_passes_within_its_bars_or_refuses_clea
     (LiteRT's reference kernels), against a bar of 0.12. So no accuracy
     is promised here, only behaviour: either the export is published with its numbers within the bars, or it exits
     2, names the numbers and writes nothing. Both branches are forced below; int8 accuracy is tested on a
-    pretrained real-sample run at 256 px (tests/test_real_sample.py)."""
+    pretrained real-sample run at 256 px (tests/test_real_default.py)."""
     code, printed, error = int8_cli
     folder = export_dir(run, "int8")
     bars = TOLERANCE["int8"]
