@@ -48,6 +48,8 @@ RECIPES = {
     "tuned-256-mixed7-e2": {"image_size": 256, "fine_tune_epochs": 2, "unfreeze_from": "mixed7"},
     "tuned-256-mixed7-e3": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
     "tuned-299-mixed7-e3": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
+    "frozen-384": {"image_size": 384},
+    "tuned-384-mixed7-e3": {"image_size": 384, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
     "frozen-256-organs": {"image_size": 256, "balance": "organs"},
     "frozen-256-tta": {"image_size": 256, "tta": True},
     "tuned-256-mixed7-e3-noaug": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
