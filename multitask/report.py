@@ -12,6 +12,7 @@ import pandas as pd
 
 from multitask.calibration import format_interval
 from multitask.rundir import RunInfo
+from multitask.settings import balance_mode
 
 HEADLINE = {  # metric key -> how the report names it, per head
     "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
@@ -240,9 +241,8 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
 
 
 def _balance(settings: dict[str, Any]) -> str:
-    """The run's --balance mode; an older config.json holds true/false, which meant classes/none."""
-    value = settings.get("balance", "none")
-    return ("classes" if value else "none") if isinstance(value, bool) else str(value)
+    """The run's --balance mode (settings.balance_mode reads an older config.json's true/false)."""
+    return str(balance_mode(settings.get("balance", "none")))
 
 
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:

@@ -70,6 +70,12 @@ BOOTSTRAP_SEED = 0
 PRETRAINED_FINE_TUNE_EPOCHS = 3
 
 
+def balance_mode(value: str | bool) -> str:
+    """The --balance mode ``value`` means: an older config.json (or caller) holds true/false, a switch of class
+    weights, which meant "classes"/"none"; a mode is returned as it is."""
+    return ("classes" if value else "none") if isinstance(value, bool) else value
+
+
 @dataclass
 class TrainConfig:
     """Every training setting, with its default; ``config.json`` stores it under "settings"."""
@@ -126,8 +132,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.fine_tune_epochs is None:  # the default depends on the weights: resolved once, here
             self.fine_tune_epochs = PRETRAINED_FINE_TUNE_EPOCHS if self.pretrained else 0
-        if isinstance(self.balance, bool):  # an older config.json (or caller): balance was a switch of class weights
-            self.balance = "classes" if self.balance else "none"
+        self.balance = balance_mode(self.balance)
 
     def validate(self) -> TrainConfig:
         """Return self, or raise ConfigError naming the bad setting."""
