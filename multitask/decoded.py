@@ -192,7 +192,7 @@ def _build(paths: Sequence[str], *, image_size: int, batch_size: int, path: Path
         for step, (index, batch) in enumerate(indexed_images(paths, image_size=image_size, batch_size=batch_size),
                                               start=1):
             index = index.numpy()
-            images[index] = np.rint(batch.numpy()).astype(np.uint8)  # load_image clips and rounds already
+            images[index] = batch.numpy().astype(np.uint8)  # exact: load_image clips and rounds to whole numbers
             rows.append(index)
             progress.update(step, finalize=step == progress.target)
         if not rows:
