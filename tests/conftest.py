@@ -17,8 +17,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # The workers share the machine's cores: TensorFlow's op threads divided between them (set in the environment, so
-    # the processes a test starts, such as notebook kernels and CLI runs, inherit it). Two workers each running ops on
-    # both of 2 cores spent ~30% more CPU time than one worker did (1,366 s against ~1,000 s for the same tests).
+    # the processes a test starts, such as notebook kernels and CLI runs, inherit it). Measured on 2 cores: the suite
+    # took 737 s of wall time with it against 760 s without; both used ~1,350 s of CPU, the extra over one process
+    # being the two workers' contention, which this does not remove.
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS",
                           str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
