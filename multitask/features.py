@@ -7,6 +7,10 @@ each file's path, size and mtime, the backbone's precision and the library versi
 used, and a damaged one is recomputed. Pixels read from the files or from the decoded-image cache
 (:mod:`multitask.decoded`) are the same whole numbers, so either gives the same features and the same key.
 Files that cannot be decoded are skipped, and their positions recorded.
+
+The same pass can compute other outputs of the backbone's graph (``extra_outputs``: the out-of-distribution
+detector's blocks, :mod:`multitask.ood`), cached beside the features under the same key, so training fits that
+detector without a second pass over its images while the layers it taps stay frozen.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,10 @@ from multitask.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-FEATURE_CACHE_FORMAT = 3  # 2: pixels rounded to whole numbers by the decoder; 3: arrays' SHA-256 stored
+# 2: pixels rounded to whole numbers by the decoder; 3: arrays' SHA-256 stored; 4: extra outputs stored beside
+FEATURE_CACHE_FORMAT = 4
+FEATURES = "features"  # the name of the pooled features among a pass's outputs
+EXTRA_PREFIX = "extra_"  # an extra output's array in the cache file
 SKIPPED_SHOWN = 20
 
 
@@ -44,6 +51,7 @@ class Features:
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded
     reused: bool = False
     seconds: float = 0.0
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # extra_outputs of the same rows, by name
 
 
 def weights_fingerprint(model) -> str:
@@ -55,9 +63,9 @@ def weights_fingerprint(model) -> str:
 
 
 def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str,
-                      precision: str = "float32") -> dict[str, Any]:
+                      precision: str = "float32", extra: Sequence[str] = ()) -> dict[str, Any]:
     """What cached features depend on: backbone weights, image size, each file's path/size/mtime, the backbone's
-    precision, versions."""
+    precision, versions, and the names of the extra outputs stored with them."""
     import keras
     import tensorflow as tf
 
@@ -68,6 +76,7 @@ def feature_cache_key(paths: Sequence[str], *, image_size: int, fingerprint: str
         "files": files_digest(paths),
         "count": len(paths),
         "precision": precision,
+        "extra": sorted(extra),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
 
@@ -76,10 +85,23 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
                      decoded: DecodedImages | None = None, jit_compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features of every file that decodes, and the positions of those files in ``paths``; the pixels come
     from ``decoded`` (uint8, cast inside the graph) when given, else from decoding the files."""
+    outputs, rows = extract_outputs(backbone, paths, image_size=image_size, batch_size=batch_size, verbose=verbose,
+                                    decoded=decoded, jit_compile=jit_compile)
+    return outputs[FEATURES], rows
+
+
+def extract_outputs(model, paths: Sequence[str], *, image_size: int, batch_size: int, verbose: int = 1,
+                    decoded: DecodedImages | None = None,
+                    jit_compile: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``model``'s outputs (``{name: (n, D) float32}``; a single output is named :data:`FEATURES`) for every file
+    that decodes, and the positions of those files in ``paths``: one pass, as :func:`extract_features`."""
     import keras
     import tensorflow as tf
 
-    forward = tf.function(lambda images: backbone(images, training=False), reduce_retracing=True,
+    def named(outputs):
+        return outputs if isinstance(outputs, dict) else {FEATURES: outputs}
+
+    forward = tf.function(lambda images: named(model(images, training=False)), reduce_retracing=True,
                           jit_compile=jit_compile)
     if decoded is None:
         batches = indexed_images(paths, image_size=image_size, batch_size=batch_size)
@@ -88,14 +110,14 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
     progress = keras.utils.Progbar(-(-len(paths) // batch_size), verbose=verbose, unit_name="batch")
     values, rows = [], []
     for step, (index, images) in enumerate(batches, start=1):
-        values.append(np.asarray(forward(images), np.float32))
+        values.append({name: np.asarray(v, np.float32) for name, v in forward(images).items()})
         rows.append(np.asarray(index))
         progress.update(step, finalize=step == progress.target)
     if len(values) < progress.target:  # undecodable files left the last batches short
         progress.update(len(values), finalize=True)
     if not rows:
         raise DataError(f"none of the {len(paths)} images could be decoded (first: {paths[0] if paths else '-'})")
-    values, rows = np.concatenate(values), np.concatenate(rows)
+    values, rows = {name: np.concatenate([part[name] for part in values]) for name in values[0]}, np.concatenate(rows)
     skipped = skipped_paths(paths, rows)
     for path in skipped[:SKIPPED_SHOWN]:
         log.warning("skipping %s: it could not be read or decoded as an image", path)
@@ -107,17 +129,24 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
 def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int,
                     cache_dir: str | os.PathLike, verbose: int = 1, workers=None,
                     decoded: DecodedImages | Callable[[], DecodedImages] | None = None,
-                    jit_compile: bool = False) -> Features:
+                    jit_compile: bool = False, extra_outputs: Mapping[str, Any] | None = None) -> Features:
     """Features of ``paths`` from the cache when its key matches exactly, else computed (from ``decoded`` when
     given: :func:`extract_features`; a callable is called only then) and cached atomically.
 
+    ``extra_outputs`` (``{name: a tensor of backbone's graph}``, each (batch, D)) are computed in the same pass and
+    cached with the features (:attr:`Features.extra`); the cache key names them.
+
     With ``workers`` (a :class:`multitask.distribute.Workers`, multi-worker training) the cache is used only if
     every worker has it; otherwise each worker computes every ``count``-th image from its ``rank`` on and the
-    shares are summed across workers, so every worker holds all features, each computed once.
+    shares are summed across workers, so every worker holds all features, each computed once. That path computes
+    the features alone: ``extra_outputs`` is ignored.
     """
     start = time.perf_counter()
+    extra_outputs = dict(extra_outputs or {}) if workers is None else {}
+    if FEATURES in extra_outputs:
+        raise ValueError(f"an extra output cannot be named {FEATURES!r}: that is the features' own name")
     key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone),
-                            precision=backbone_precision(backbone))
+                            precision=backbone_precision(backbone), extra=tuple(extra_outputs))
     key_text = json.dumps(key, sort_keys=True)
     path = Path(cache_dir) / f"features-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.npz"
     log.debug("feature cache key %s", key_text)
@@ -127,19 +156,26 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
         cached = cached if missing == 0 else None
     if cached is not None:
         log.info("reusing cached features %s", path)
-        values, rows = cached
-        return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start)
+        values, rows, extra = cached
+        return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start, extra)
     log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
     if workers is None:
+        import keras
+
         decoded = decoded() if callable(decoded) else decoded
-        values, rows = extract_features(backbone, paths, image_size=image_size, batch_size=batch_size,
-                                        verbose=verbose, decoded=decoded, jit_compile=jit_compile)
+        model = keras.Model(backbone.input, {FEATURES: backbone.output, **extra_outputs}) if extra_outputs else backbone
+        outputs, rows = extract_outputs(model, paths, image_size=image_size, batch_size=batch_size, verbose=verbose,
+                                        decoded=decoded, jit_compile=jit_compile)
+        values, extra = outputs.pop(FEATURES), outputs
     else:
         values, rows = shared_features(backbone, paths, image_size=image_size, batch_size=batch_size,
                                        verbose=verbose, workers=workers)
+        extra = {}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, values=values, rows=rows, key=np.asarray(key_text), digest=np.asarray(_digest(values, rows)))
-    return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start)
+        np.savez(fh, values=values, rows=rows, key=np.asarray(key_text),
+                 digest=np.asarray(_digest(values, rows, extra)),
+                 **{EXTRA_PREFIX + name: array for name, array in extra.items()})
+    return Features(values, rows, path, skipped_paths(paths, rows), False, time.perf_counter() - start, extra)
 
 
 def backbone_precision(backbone) -> str:
@@ -148,11 +184,11 @@ def backbone_precision(backbone) -> str:
     return max(set(names), key=names.count)
 
 
-def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(values, rows) of the cache file at ``path`` if it holds exactly ``key_text`` and arrays of the shapes it
-    promises, else None. A cache is never trusted: a file cut short, a flipped bit (the stored SHA-256 of the arrays;
-    numpy does not always reach zipfile's CRC check), a key that does not match its own file name, or any other
-    reading error means it is recomputed, with a warning."""
+def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+    """(values, rows, extra outputs) of the cache file at ``path`` if it holds exactly ``key_text`` and arrays of the
+    shapes it promises, else None. A cache is never trusted: a file cut short, a flipped bit (the stored SHA-256 of
+    the arrays; numpy does not always reach zipfile's CRC check), a key that does not match its own file name, or any
+    other reading error means it is recomputed, with a warning."""
     if not path.is_file():
         return None
     try:
@@ -160,23 +196,30 @@ def _read_cache(path: Path, key_text: str) -> tuple[np.ndarray, np.ndarray] | No
             if str(stored["key"]) != key_text:  # the name is the key's hash: another key here is damage
                 raise ValueError("its key does not match its file name")
             values, rows = np.asarray(stored["values"]), np.asarray(stored["rows"])
-            if str(stored["digest"]) != _digest(values, rows):
+            key = json.loads(key_text)
+            extra = {name: np.asarray(stored[EXTRA_PREFIX + name]) for name in key["extra"]}
+            if str(stored["digest"]) != _digest(values, rows, extra):
                 raise ValueError("its arrays do not match their stored SHA-256")
-        count = json.loads(key_text)["count"]
+        count = key["count"]
         if not (values.ndim == 2 and rows.ndim == 1 and len(values) == len(rows) and rows.dtype.kind in "iu"
-                and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < count)) and np.isfinite(values).all()):
-            raise ValueError(f"arrays of shapes {values.shape} and {rows.shape} do not fit {count} images")
-        return values, rows
+                and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < count)) and np.isfinite(values).all()
+                and all(a.ndim == 2 and len(a) == len(rows) and np.isfinite(a).all() for a in extra.values())):
+            raise ValueError(f"arrays of shapes {values.shape}, {rows.shape} and "
+                             f"{[a.shape for a in extra.values()]} do not fit {count} images")
+        return values, rows, extra
     except Exception as exc:  # noqa: BLE001 - numpy, zipfile and zlib raise many kinds for a damaged file
         log.warning("ignoring unreadable feature cache %s (%s: %s); recomputing", path, type(exc).__name__,
                     str(exc)[:160])
     return None
 
 
-def _digest(values: np.ndarray, rows: np.ndarray) -> str:
+def _digest(values: np.ndarray, rows: np.ndarray, extra: Mapping[str, np.ndarray]) -> str:
     """SHA-256 of a cache's arrays, stored beside them so a damaged file is never read as features."""
     digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
     digest.update(np.ascontiguousarray(rows).tobytes())
+    for name in sorted(extra):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(extra[name]).tobytes())
     return digest.hexdigest()
 
 

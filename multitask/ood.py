@@ -335,16 +335,24 @@ def extract(model: keras.Model, paths: Sequence[str], *, image_size: int,
 
 
 def fit_run_detector(backbone: keras.Model, split, *, image_size: int, batch_size: int, seed: int,
-                     out: str | os.PathLike) -> dict | None:
+                     out: str | os.PathLike, computed: Computed | None = None) -> dict | None:
     """Fit the detector on a run's training images (at most MAX_FIT_IMAGES, sampled with ``seed``), threshold it at
     the 99th percentile of its validation images' scores, write it to ``out`` (ood.json, ood.npz beside it) and
     return the record for config.json; None, with a warning, when too few training images decode.
+
+    ``computed`` holds block features (:func:`feature_model`'s outputs) that an earlier pass computed through this
+    very backbone's tapped layers: training's feature pass (:class:`multitask.train.Trainer`). They are used, instead
+    of a pass of their own, when they cover every image chosen here; the record says which (``features_from``).
 
     Without validation images the threshold is the 99th percentile of the cross-fitted training scores: each is
     the score of an image the detector was fitted without, so it is the nearest honest stand-in."""
     train, val = (_sample(split[split["split"] == name], MAX_FIT_IMAGES, seed) for name in ("train", "val"))
     paths = train["path"].tolist() + val["path"].tolist()
-    features, rows = extract(feature_model(backbone), paths, image_size=image_size, batch_size=batch_size)
+    known = computed.lookup(paths) if computed is not None else None
+    if known is not None:
+        features, rows = known
+    else:
+        features, rows = extract(feature_model(backbone), paths, image_size=image_size, batch_size=batch_size)
     is_train = rows < len(train)
     if is_train.sum() < MIN_FIT_IMAGES:
         log.warning("only %d training images decode: no out-of-distribution detector (it needs %d)",
@@ -365,7 +373,32 @@ def fit_run_detector(backbone: keras.Model, split, *, image_size: int, batch_siz
              int(is_train.sum()), detector.threshold, source)
     return {"threshold": detector.threshold, "layers": list(detector.layers), "method": METHOD,
             "fit_images": int(is_train.sum()), "threshold_images": int((~is_train).sum() or is_train.sum()),
-            "threshold_source": source, "percentile": 99}
+            "threshold_source": source, "percentile": 99,
+            "features_from": "the training feature pass" if known is not None else "a pass of its own"}
+
+
+@dataclass
+class Computed:
+    """Block features already computed: ``blocks[name][i]`` belongs to ``paths[rows[i]]`` (files that did not
+    decode have no row)."""
+
+    paths: Sequence[str]
+    blocks: Mapping[str, np.ndarray]
+    rows: np.ndarray
+
+    def lookup(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """As :func:`extract` on ``paths`` would answer (features of the files that decode, their positions), or
+        None when a block is missing or a path was never seen."""
+        if set(self.blocks) != {PIXELS, *FEATURE_LAYERS}:
+            return None
+        position = {path: i for i, path in enumerate(self.paths)}
+        if any(path not in position for path in paths):
+            return None
+        row_of = np.full(len(self.paths), -1)
+        row_of[np.asarray(self.rows, np.int64)] = np.arange(len(self.rows))
+        picked = row_of[[position[path] for path in paths]]
+        decoded = np.flatnonzero(picked >= 0)
+        return {name: np.asarray(v[picked[decoded]], np.float64) for name, v in self.blocks.items()}, decoded
 
 
 def _sample(rows, n: int, seed: int):

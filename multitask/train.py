@@ -53,10 +53,11 @@ from multitask.data import (
 from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.errors import DataError
-from multitask.features import Features, cached_features, features_dataset
+from multitask.features import Features, backbone_precision, cached_features, features_dataset, weights_fingerprint
 from multitask.files import read_json, write_csv, write_json
 from multitask.history import best_epoch, plot_history, read_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
+from multitask.ood import Computed, feature_model, fit_run_detector
 from multitask.rundir import (
     CACHE_DIR,
     HISTORY_FILE,
@@ -112,6 +113,9 @@ class Trainer:
         self.fit_rows: pd.DataFrame | None = None  # the train and val rows, in that order (features, decoded cache)
         self.use_decoded = False  # whether --decoded-cache says to read pixels from the decoded-image cache
         self.decoded: DecodedImages | None = None  # that cache, once opened (see decoded_cache)
+        # The OOD detector's block features from the feature pass, and (tapped weights' SHA-256, precision) then.
+        self.ood_blocks: Computed | None = None
+        self.ood_blocks_from: tuple[str, str] | None = None
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
             with dtype_policy(self.precision):  # only the model: the weighting and the losses stay float32
                 self.model = build_model(config.tasks, config.image_size, config.weights)
@@ -194,10 +198,15 @@ class Trainer:
         self.use_decoded = wants_decoded_cache(config.decoded_cache, count=len(paths), image_size=config.image_size,
                                                cache_dir=self.cache_dir, disk_share=DECODED_CACHE_DISK_SHARE,
                                                distributed=self.workers is not None)
+        # The OOD detector's blocks come from the same pass (fit_ood uses them while their layers stay frozen).
+        taps = None if self.workers is not None else feature_model(self.parts.backbone)
         features = cached_features(self.parts.backbone, paths, image_size=config.image_size,
                                    batch_size=config.batch_size, cache_dir=self.cache_dir, verbose=config.verbose,
                                    workers=self.workers, decoded=self.decoded_cache if self.use_decoded else None,
-                                   jit_compile=self.jit_compile)
+                                   jit_compile=self.jit_compile, extra_outputs=None if taps is None else taps.output)
+        if features.extra:
+            self.ood_blocks = Computed(paths, features.extra, features.rows)
+            self.ood_blocks_from = (weights_fingerprint(taps), backbone_precision(self.parts.backbone))
         # Standardise with training-set statistics; the fitted layer is part of the saved backbone.
         features.values = fit_feature_scaling(self.parts.backbone, features.values, fit_rows=is_train[features.rows])
         return features
@@ -384,12 +393,16 @@ class Trainer:
 
     def fit_ood(self, split: pd.DataFrame) -> dict[str, Any] | None:
         """The out-of-distribution detector (:mod:`multitask.ood`): fitted on the training images through the saved
-        backbone, thresholded on the validation images, written into the run."""
-        from multitask.ood import fit_run_detector
-
-        config = self.config
+        backbone, thresholded on the validation images, written into the run. Its block features come from phase
+        1's feature pass when the layers they tap are bit for bit those of that pass, at the same precision
+        (fine-tuning from a later block leaves them frozen), else from a pass of their own."""
+        config, computed = self.config, None
+        if self.ood_blocks is not None:
+            now = (weights_fingerprint(feature_model(self.parts.backbone)), backbone_precision(self.parts.backbone))
+            computed = self.ood_blocks if now == self.ood_blocks_from else None
         return fit_run_detector(self.parts.backbone, split, image_size=config.image_size,
-                                batch_size=config.batch_size, seed=config.seed, out=self.run.path / OOD_FILE)
+                                batch_size=config.batch_size, seed=config.seed, out=self.run.path / OOD_FILE,
+                                computed=computed)
 
     # ------------------------------------------------------------------------------------------- the end
 

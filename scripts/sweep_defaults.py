@@ -47,6 +47,7 @@ RECIPES = {
     "tuned-256-mixed9-e3": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed9"},
     "tuned-256-mixed7-e2": {"image_size": 256, "fine_tune_epochs": 2, "unfreeze_from": "mixed7"},
     "tuned-256-mixed7-e3": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
+    "tuned-299-mixed7-e2": {"image_size": 299, "fine_tune_epochs": 2, "unfreeze_from": "mixed7"},
     "tuned-299-mixed7-e3": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
     "frozen-384": {"image_size": 384},
     "tuned-384-mixed7-e3": {"image_size": 384, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},

@@ -95,6 +95,8 @@ def test_mixed_bfloat16_run_is_recorded_and_saves_a_float32_model(bfloat16_run):
     compute = info.config["compute"]
     assert compute["precision"] == "mixed_bfloat16" and compute["jit_compile"] is False  # auto: off on CPU
     assert compute["decoded_cache"]["images"] > 0 and info.config["epochs"] == {"heads": 1, "fine_tune": 1}
+    # The feature pass ran in bfloat16; the saved float32 model's OOD blocks are computed again, as it computes them.
+    assert info.config["ood"]["features_from"] == "a pass of its own"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is back
     model = keras.models.load_model(info.model_path, safe_mode=True, compile=False)
     assert {layer.dtype_policy.name for layer in _layers(model)} == {"float32"}

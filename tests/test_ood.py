@@ -16,7 +16,7 @@ from multitask import cli
 from multitask.errors import RunError
 from multitask.inference import OOD_SCORE, inference_model
 from multitask.model import model_parts
-from multitask.ood import OodDetector, extract, feature_model
+from multitask.ood import Computed, OodDetector, extract, feature_model, fit_run_detector
 from multitask.predict import Predictor
 from multitask.rundir import MARKER_FILE, open_run
 from multitask.splits import load_split
@@ -60,13 +60,20 @@ def test_detector_round_trips_through_its_files(tmp_path):
         OodDetector.from_json(tmp_path / "ood.json")
 
 
-def test_train_fits_a_detector_that_the_graph_computes_exactly(joint_run, demo_split_csv):
+def test_train_fits_a_detector_that_the_graph_computes_exactly(joint_run, demo_split_csv, tmp_path):
     info = open_run(joint_run)
     assert {"ood.json", "ood.npz"} <= set(json.loads((joint_run / MARKER_FILE).read_text())["files"])  # owned
     record = info.config["ood"]
     assert record["layers"] == ["inception_scaling", "mixed0", "mixed2", "mixed5"]
     split = load_split(demo_split_csv)
     assert record["fit_images"] == (split["split"] == "train").sum() and record["threshold_source"] == "val"
+    # A frozen run fits it on block features from its feature pass: the same detector as a pass of its own gives.
+    assert record["features_from"] == "the training feature pass"
+    backbone = model_parts(info.load_model()).backbone
+    own = fit_run_detector(backbone, split, image_size=info.image_size, batch_size=16, seed=info.config["seed"],
+                           out=tmp_path / "ood.json")
+    assert own["features_from"] == "a pass of its own" and own["fit_images"] == record["fit_images"]
+    assert own["threshold"] == pytest.approx(record["threshold"], rel=1e-4)
     detector = info.load_ood()
     assert detector.threshold == pytest.approx(record["threshold"])
     # the numpy score of the training features equals the inference graph's ood_score on the same images
@@ -85,6 +92,18 @@ def test_train_fits_a_detector_that_the_graph_computes_exactly(joint_run, demo_s
     config = keras.saving.serialize_keras_object(graph)
     rebuilt = keras.saving.deserialize_keras_object(config, safe_mode=True)
     assert rebuilt.get_layer("ood_score").get_config()["dims"] == [3, 256, 288, 768]
+
+
+def test_computed_block_features_answer_as_a_pass_would_or_not_at_all():
+    blocks = {name: np.arange(6, dtype=np.float32).reshape(3, 2) + i
+              for i, name in enumerate(("pixels", "mixed0", "mixed2", "mixed5"))}
+    computed = Computed(["a", "b", "c", "d"], blocks, np.array([0, 2, 3]))  # "b" did not decode
+    features, rows = computed.lookup(["d", "b", "a"])
+    assert rows.tolist() == [0, 2]  # positions in the asked paths, as extract() gives: "b" is skipped
+    np.testing.assert_array_equal(features["mixed0"], [[5.0, 6.0], [1.0, 2.0]])  # rows of "d" and "a"
+    assert features["mixed0"].dtype == np.float64
+    assert computed.lookup(["a", "e"]) is None  # a path the pass never saw: the caller makes its own pass
+    assert Computed(["a"], {"pixels": blocks["pixels"][:1]}, np.array([0])).lookup(["a"]) is None  # blocks missing
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_single_task_run_reuses_cached_features(cli_joint_run, demo_data, cache_
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("features were recomputed instead of read from the cache")
 
-    monkeypatch.setattr(features_module, "extract_features", no_backbone_pass)
+    monkeypatch.setattr(features_module, "extract_outputs", no_backbone_pass)  # every feature pass goes through it
     caplog.set_level(logging.INFO, logger="multitask")
     config = TrainConfig(out=str(tmp_path / "organ"), data=str(demo_data), split="random", task="organ",
                          weights="none", image_size=IMAGE_SIZE, epochs=2, cache_dir=str(cache_dir), verbose=0)
@@ -232,6 +232,8 @@ def test_fine_tuning_trains_the_top_block_only_and_skips_bad_files(small_split_w
     assert info.config["epochs"] == {"heads": 1, "fine_tune": 1}
     assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [1, 2]
     assert sorted(info.config["features"]["skipped"]) == sorted(bad_paths)
+    # Fine-tuning from mixed9 leaves the OOD detector's layers (up to mixed5) as phase 1's pass computed them.
+    assert info.config["ood"]["features_from"] == "the training feature pass"
 
     keras.utils.set_random_seed(config.seed)  # the same initialisation the run started from
     initial = build_backbone(IMAGE_SIZE, weights=None)
