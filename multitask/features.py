@@ -138,11 +138,12 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
 
     With ``workers`` (a :class:`multitask.distribute.Workers`, multi-worker training) the cache is used only if
     every worker has it; otherwise each worker computes every ``count``-th image from its ``rank`` on and the
-    shares are summed across workers, so every worker holds all features, each computed once. That path computes
-    the features alone: ``extra_outputs`` is ignored.
+    shares are summed across workers, so every worker holds all features, each computed once.
     """
+    import keras
+
     start = time.perf_counter()
-    extra_outputs = dict(extra_outputs or {}) if workers is None else {}
+    extra_outputs = dict(extra_outputs or {})
     if FEATURES in extra_outputs:
         raise ValueError(f"an extra output cannot be named {FEATURES!r}: that is the features' own name")
     key = feature_cache_key(paths, image_size=image_size, fingerprint=weights_fingerprint(backbone),
@@ -159,18 +160,15 @@ def cached_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
         values, rows, extra = cached
         return Features(values, rows, path, skipped_paths(paths, rows), True, time.perf_counter() - start, extra)
     log.info("computing backbone features of %d images at %d px -> %s", len(paths), image_size, path)
+    model = keras.Model(backbone.input, {FEATURES: backbone.output, **extra_outputs}) if extra_outputs else backbone
     if workers is None:
-        import keras
-
         decoded = decoded() if callable(decoded) else decoded
-        model = keras.Model(backbone.input, {FEATURES: backbone.output, **extra_outputs}) if extra_outputs else backbone
         outputs, rows = extract_outputs(model, paths, image_size=image_size, batch_size=batch_size, verbose=verbose,
                                         decoded=decoded, jit_compile=jit_compile)
-        values, extra = outputs.pop(FEATURES), outputs
     else:
-        values, rows = shared_features(backbone, paths, image_size=image_size, batch_size=batch_size,
+        outputs, rows = shared_outputs(model, paths, image_size=image_size, batch_size=batch_size,
                                        verbose=verbose, workers=workers)
-        extra = {}
+    values, extra = outputs.pop(FEATURES), outputs
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, values=values, rows=rows, key=np.asarray(key_text),
                  digest=np.asarray(_digest(values, rows, extra)),
@@ -223,23 +221,28 @@ def _digest(values: np.ndarray, rows: np.ndarray, extra: Mapping[str, np.ndarray
     return digest.hexdigest()
 
 
-def shared_features(backbone, paths: Sequence[str], *, image_size: int, batch_size: int, workers,
-                    verbose: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`extract_features` of all ``paths``, each worker computing every ``workers.count``-th one from
+def shared_outputs(model, paths: Sequence[str], *, image_size: int, batch_size: int, workers,
+                   verbose: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`extract_outputs` of all ``paths``, each worker computing every ``workers.count``-th one from
     ``workers.rank`` on, combined by a sum across the workers (every row is owned by exactly one worker)."""
     mine = np.arange(workers.rank, len(paths), workers.count)
     share = [paths[i] for i in mine]
     try:
-        values, rows = extract_features(backbone, share, image_size=image_size, batch_size=batch_size,
-                                        verbose=verbose)
+        outputs, rows = extract_outputs(model, share, image_size=image_size, batch_size=batch_size, verbose=verbose)
     except DataError:  # none of this worker's share decodes: say so in the sum, like any unreadable file
-        values, rows = np.zeros((0, int(backbone.output_shape[-1])), np.float32), np.zeros(0, np.int64)
-    full = np.zeros((len(paths), values.shape[1]), np.float32)
+        shapes = model.output if isinstance(model.output, dict) else {FEATURES: model.output}
+        outputs = {name: np.zeros((0, int(t.shape[-1])), np.float32) for name, t in shapes.items()}
+        rows = np.zeros(0, np.int64)
     decoded = np.zeros(len(paths), np.int64)
-    full[mine[rows]], decoded[mine[rows]] = values, 1
+    decoded[mine[rows]] = 1
     owners = np.zeros(len(paths), np.int64)
     owners[mine] = 1
-    full, decoded, owners = workers.all_sum(full), workers.all_sum(decoded), workers.all_sum(owners)
+    full = {}
+    for name, values in outputs.items():
+        full[name] = np.zeros((len(paths), values.shape[1]), np.float32)
+        full[name][mine[rows]] = values
+        full[name] = workers.all_sum(full[name])
+    decoded, owners = workers.all_sum(decoded), workers.all_sum(owners)
     if not np.all(owners == 1):
         raise DataError(f"the {workers.count} workers did not split the {len(paths)} images exactly once each "
                         f"({int((owners != 1).sum())} images computed 0 or 2+ times); do all workers run the same "
@@ -247,7 +250,7 @@ def shared_features(backbone, paths: Sequence[str], *, image_size: int, batch_si
     rows = np.flatnonzero(decoded)
     if not len(rows):
         raise DataError(f"none of the {len(paths)} images could be decoded (first: {paths[0] if paths else '-'})")
-    return full[rows], rows.astype(np.int64)
+    return {name: values[rows] for name, values in full.items()}, rows.astype(np.int64)
 
 
 def skipped_paths(paths: Sequence[str], rows: np.ndarray) -> list[str]:

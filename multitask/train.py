@@ -199,11 +199,11 @@ class Trainer:
                                                cache_dir=self.cache_dir, disk_share=DECODED_CACHE_DISK_SHARE,
                                                distributed=self.workers is not None)
         # The OOD detector's blocks come from the same pass (fit_ood uses them while their layers stay frozen).
-        taps = None if self.workers is not None else feature_model(self.parts.backbone)
+        taps = feature_model(self.parts.backbone)
         features = cached_features(self.parts.backbone, paths, image_size=config.image_size,
                                    batch_size=config.batch_size, cache_dir=self.cache_dir, verbose=config.verbose,
                                    workers=self.workers, decoded=self.decoded_cache if self.use_decoded else None,
-                                   jit_compile=self.jit_compile, extra_outputs=None if taps is None else taps.output)
+                                   jit_compile=self.jit_compile, extra_outputs=taps.output)
         if features.extra:
             self.ood_blocks = Computed(paths, features.extra, features.rows)
             self.ood_blocks_from = (weights_fingerprint(taps), backbone_precision(self.parts.backbone))

@@ -109,6 +109,10 @@ def test_multiworker_training_matches_one_process(demo_split_csv, joint_run, joi
     with np.load(shared) as a, np.load(single) as b:
         np.testing.assert_array_equal(a["rows"], b["rows"])
         np.testing.assert_allclose(a["values"], b["values"], rtol=1e-4, atol=1e-7)
+        # the OOD detector's blocks, computed in the same pass and combined the same way
+        assert sorted(a.files) == sorted(b.files) and "extra_mixed5" in a.files
+        np.testing.assert_allclose(a["extra_mixed5"], b["extra_mixed5"], rtol=1e-4, atol=1e-6)
+    assert chief.config["ood"]["features_from"] == "the training feature pass"
 
     # The chief's run loads and predicts, about as well as the single-process run (same global batch size).
     assert chief.config["epochs"]["heads"] == reference.config["epochs"]["heads"]
