@@ -279,7 +279,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoded-cache", choices=SWITCHES, default=d.decoded_cache,
                    help="decode and resize every image once into a uint8 array file in --cache-dir that feature "
                         "extraction and every fine-tuning epoch read; auto: when it takes at most half the free disk "
-                        "space (about 196 KB per image at 256 px) (default %(default)s)")
+                        "space (about 268 KB per image at 299 px) (default %(default)s)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation loss (default %(default)s)")
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity,

@@ -6,7 +6,7 @@ With this cache each image is decoded once per image size, by the same decoder a
 (:func:`multitask.data.load_image`), rounded to uint8, and written into ``decoded-<hash>.npy``: a plain NumPy
 array of shape (images, size, size, 3) that is memory-mapped, so feature extraction and every fine-tuning epoch
 read pixels instead of decoding files, and the batches travel to the model as uint8 (a quarter of float32's
-bytes; the model casts them in its graph). 196,608 bytes per image at 256 px, 76,800 at 160 px.
+bytes; the model casts them in its graph). 268,203 bytes per image at 299 px, 76,800 at 160 px.
 
 It is keyed and checked like the feature cache (:mod:`multitask.features`): the key holds the image size, each
 file's path, size and mtime and the decoder's version, and names the file. A JSON sidecar holds the key, the rows

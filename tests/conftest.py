@@ -191,6 +191,6 @@ def real_run(real_split_csv, pretrained_weights, real_cache, tmp_path_factory) -
 @pytest.fixture(scope="session")
 def real_default_run(real_split_csv, pretrained_weights, real_cache, tmp_path_factory) -> Path:
     """The default recipe for pretrained weights (`multitask train --weights W` and nothing else) on the real sample:
-    the run the README's numbers describe, and int8's fixture (int8 is promised at the default size, 256 px)."""
+    the run the README's numbers describe, and int8's fixture (int8 is promised at the default size, 299 px)."""
     return shared(tmp_path_factory, "real-default",
                   lambda folder: real_training(folder / "run", real_split_csv, pretrained_weights, real_cache))

@@ -1,6 +1,6 @@
-"""The default recipe for pretrained weights on the real sample (issues 19, 22): 256 px, the heads on cached features,
+"""The default recipe for pretrained weights on the real sample (issues 19, 22): 299 px, the heads on cached features,
 then 3 fine-tuning epochs (``real_default_run``, the session's longest fixture). What it must do: learn the real
-images, beat frozen 160 px on validation (the choice was made there), and keep int8 within its bars at 256 px. The
+images, beat frozen 160 px on validation (the choice was made there), and keep int8 within its bars at 299 px. The
 bars' provenance is in test_real_sample.py's docstring.
 """
 
@@ -48,20 +48,20 @@ def test_default_recipe_learns_real_images_and_its_config_describes_the_saved_mo
     best = info.config["best"]
     if best.get("fine_tune") is not None and saved["phase"] == "fine_tune":
         assert best["fine_tune"] <= best["heads"]
-    # Measured on the test split, seeds 42 / 7: organ accuracy 0.941 / 0.957, balanced 0.892 / 0.944, cancer
-    # ROC-AUC 0.892 / 0.948.
-    assert default["organ"]["accuracy"] >= 0.92
-    assert default["organ"]["balanced_accuracy"] >= 0.87
-    assert default["cancer"]["roc_auc"] >= 0.86
+    # Measured on the test split (scripts/sweep_defaults.py), seeds 42 / 7 / 1234: organ accuracy 0.958 / 0.966 /
+    # 0.950, balanced 0.963 / 0.964 / 0.942, cancer ROC-AUC 0.910 / 0.948 / 0.956. The bars sit below the lowest.
+    assert default["organ"]["accuracy"] >= 0.93
+    assert default["organ"]["balanced_accuracy"] >= 0.90
+    assert default["cancer"]["roc_auc"] >= 0.87
 
 
-def test_int8_passes_its_self_check_at_256_px_and_predicts_like_keras(real_default_run, default_eval):
+def test_int8_passes_its_self_check_at_the_default_size_and_predicts_like_keras(real_default_run, default_eval):
     """int8 where the product promises it: a pretrained real-sample run at 256 px. Measured on its 32 check images
     (seed 42): max |difference| 0.047 (organ) / 0.034 (cancer) under XNNPACK, with oneDNN at full ISA or AVX2, and
     0.063 / 0.028 under LiteRT's reference kernels, against the product's bar of 0.12; answers flipped only at near
     ties (0-1 of 32; bar 93%). multitask.export.TOLERANCE says how the bars were set."""
     info = open_run(real_default_run)
-    assert info.image_size == 256
+    assert info.image_size == 299
     result = export_run(real_default_run, format="int8")  # the product's own bars (TOLERANCE["int8"])
     record = read_json(export_dir(info, "int8") / EXPORT_FILE)
     assert record["artifact"] == ARTIFACTS["int8"] and record["max_abs_diff"] == result.max_abs_diff
@@ -88,5 +88,5 @@ def test_default_recipe_beats_frozen_160_on_validation(real_run, real_default_ru
     """Issue 22: the default recipe was chosen on validation; on this split it must beat frozen 160 px there. (Last
     in the module, so this worker builds real_default_run first, while the other builds real_run.)"""
     baseline, chosen = validation(real_run, tmp_path), validation(real_default_run, tmp_path)
-    # Measured, seeds 42 / 7: 0.890 / 0.922 against 0.814 / 0.833.
+    # Measured, seeds 42 / 7 / 1234: 0.912 / 0.957 / 0.952 against 0.814 / 0.833 / 0.910.
     assert chosen["organ"]["balanced_accuracy"] > baseline["organ"]["balanced_accuracy"]
