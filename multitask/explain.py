@@ -2,7 +2,7 @@
 
 Grad-CAM (Selvaraju et al., 2017) weights the channels of an InceptionV3 mixed block by the spatial mean of the
 gradient of one head's logit for its predicted class, sums them, and keeps the positive part. The block is the
-last one, "mixed10", whenever its map is at least 3x3 (inputs of 160 px and more; 6x6 at 256 px); smaller inputs
+last one, "mixed10", whenever its map is at least 3x3 (inputs of 160 px and more; 8x8 at 299 px); smaller inputs
 shrink it to 1x1 or 2x2, which cannot show *where*, so the last block that is still 3x3 or larger is used instead
 (e.g. "mixed7" at 75-128 px). :attr:`GradCam.layer` says which. Heatmaps are returned at that **feature map's**
 resolution, normalised per image to [0, 1] (all zeros where nothing speaks for the predicted class);

@@ -53,15 +53,17 @@ INPUT_FORMAT = "float32 RGB 0..255, NHWC, shape [N, S, S, 3]"
 # Each bar is the largest difference measured under every kernel set (scripts/numerics_spread.py: all of oneDNN's
 # ISA, ONEDNN_MAX_CPU_ISA=AVX2, and LiteRT's XNNPACK, builtin and reference kernels), with a margin of about 2x:
 # - fp32 probabilities: <= 1e-6 on the real-sample runs, 6e-6 on a random-init 75 px one (bar 1e-4);
-# - fp32 ood_score: 5.4e-4 on the real-sample runs at 256 px (bar 5e-3: scores are ~1-10, thresholded near 9);
-# - int8 probabilities on pretrained 256 px runs: 0.021-0.063 (organ), 0.028-0.035 (cancer), the largest under
-#   LiteRT's reference kernels (bar 0.12). Answers flip only at near ties: 0 of 32 under XNNPACK, 1 of 32 (a cancer
-#   near tie) under the reference kernels (bar: argmax agreement >= 93%, two flips of 32). A random-init 75 px model
-#   reads 0.07-0.14: int8 may refuse it.
+# - fp32 ood_score: 5.4e-4 on the real-sample runs at 256 px, 8.2e-4 at 299 px (bar 5e-3: scores are ~1-10,
+#   thresholded near 9);
+# - int8 probabilities on the default recipe's runs (pretrained, 299 px, fine-tuned; seeds 42, 7, 1234): organ
+#   0.005-0.127 (the largest under XNNPACK, at full ISA and AVX2 alike), cancer 0.027-0.060 (the largest under
+#   LiteRT's reference kernels); at 256 px they were 0.021-0.063 and 0.028-0.035 (bar 0.25, about twice the
+#   largest). Answers flip only at near ties: 0 of 32 under XNNPACK, 1 of 32 (a cancer near tie) under the reference
+#   kernels (bar: argmax agreement >= 93%, two flips of 32). A random-init 75 px model reads 0.07-0.14.
 TOLERANCE = {
     "tf_saved_model": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 5e-3},
     "onnx": {"max_abs_diff": 1e-4, "argmax_agreement": 1.0, "ood_score_max_abs_diff": 5e-3},
-    "int8": {"max_abs_diff": 0.12, "argmax_agreement": 0.93},
+    "int8": {"max_abs_diff": 0.25, "argmax_agreement": 0.93},
 }
 # Formats exported without ood_score. int8: its activations are rounded to 8 bits, then whitened (multitask.ood),
 # which amplifies the rounding along the training images' low-variance directions: on the real-sample run (256 px)
@@ -218,9 +220,9 @@ def _raise_if_failed(record: dict, *, info: RunInfo) -> None:
         bars = (f"max |difference| {tolerance['max_abs_diff']:g} per head, argmax agreement "
                 f">= {tolerance['argmax_agreement']:.0%}")
         if record["format"] == "int8":
-            advice = (f"int8 rounds too coarsely for this run at {info.image_size} px (pretrained runs at 256 px "
-                      "pass; smaller images and random-init backbones round worse): export --format onnx instead, "
-                      "fp32 with Keras' answers (predict --engine onnx)")
+            advice = (f"int8 rounds too coarsely for this run at {info.image_size} px (pretrained runs at the "
+                      "default 299 px pass; smaller images and random-init backbones round worse): export --format "
+                      "onnx instead, fp32 with Keras' answers (predict --engine onnx)")
         else:
             versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items())
             advice = (f"an fp32 export should match to float rounding, so the converter is at fault ({versions}): "

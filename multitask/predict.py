@@ -333,7 +333,7 @@ class Predictor:
 
     def explain(self, path: str | os.PathLike, head: str = "organ") -> np.ndarray:
         """Grad-CAM heatmap of ``head``'s predicted class for one image file: a 2-D array in [0, 1] at the
-        resolution of the explained block's feature map (mixed10: 6x6 for 256 px inputs; see multitask.explain)."""
+        resolution of the explained block's feature map (mixed10: 8x8 for 299 px inputs; see multitask.explain)."""
         if head not in self.tasks:
             raise DataError(f"this run has no {head!r} head; its heads are {', '.join(self.tasks)}")
         for _, _, cams, _ in self.heatmaps([path], batch_size=1):

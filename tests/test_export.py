@@ -105,10 +105,10 @@ def int8_cli(run, int8_file):
 def test_int8_export_of_a_random_init_run_passes_within_its_bars_or_refuses_cleanly(run, int8_cli):
     """A random-init 75 px model is int8's worst case (tiny feature spread), and its rounding differs between CPU
     instruction sets and kernels: measured organ max difference 0.074-0.078 (XNNPACK, two AVX-512 CPUs) and 0.137
-    (LiteRT's reference kernels), against a bar of 0.12. So no accuracy
-    is promised here, only behaviour: either the export is published with its numbers within the bars, or it exits
-    2, names the numbers and writes nothing. Both branches are forced below; int8 accuracy is tested on a
-    pretrained real-sample run at 256 px (tests/test_real_default.py)."""
+    (LiteRT's reference kernels), against a bar of 0.25 (set on the default recipe's runs). So no accuracy is
+    promised here, only behaviour: either the export is published with its numbers within the bars, or it exits 2,
+    names the numbers and writes nothing. Both branches are forced below; int8 accuracy is tested on a
+    pretrained real-sample run at the default size, 299 px (tests/test_real_default.py)."""
     code, printed, error = int8_cli
     folder = export_dir(run, "int8")
     bars = TOLERANCE["int8"]
@@ -262,14 +262,14 @@ def test_a_failed_check_says_what_to_do_without_a_dict(run):
     from types import SimpleNamespace
 
     info = SimpleNamespace(path=Path("runs/rs160"), image_size=160)
-    record = {"format": "int8", "max_abs_diff": {"organ": 0.004, "cancer": 0.162},
+    record = {"format": "int8", "max_abs_diff": {"organ": 0.004, "cancer": 0.362},
               "argmax_agreement": {"organ": 1.0, "cancer": 1.0}, "images": 32, "tolerance": TOLERANCE["int8"],
               "versions": {"tensorflow": "2.21.0"}}
     with pytest.raises(ExportError) as failed:
         export._raise_if_failed(record, info=info)
     message = str(failed.value)
-    assert "{" not in message and "cancer 0.162" in message and "organ 0.004" not in message
-    assert "max |difference| 0.12 per head, argmax agreement >= 93%" in message
+    assert "{" not in message and "cancer 0.362" in message and "organ 0.004" not in message
+    assert "max |difference| 0.25 per head, argmax agreement >= 93%" in message
     assert "at 160 px" in message and "--format onnx" in message and "package versions" not in message
     onnx_record = {**record, "format": "onnx", "tolerance": TOLERANCE["onnx"]}
     with pytest.raises(ExportError, match=r"converter is at fault \(tensorflow 2\.21\.0\)"):
