@@ -275,8 +275,11 @@ def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.nd
     """A run's calibration from its validation logits: a temperature per head and, for the cancer head, the highest
     malignancy threshold (on calibrated P(Malignant)) whose validation sensitivity reaches ``target_sensitivity``,
     over all images and, for a joint run, per organ (:func:`organ_thresholds`; ``organ_labels`` name the organ ids).
+    The record's "validation" also holds what the saved model scores there (:func:`validation_scores`), so runs can
+    be compared on validation without predicting it again.
     """
-    validation: dict[str, Any] = {"images": int(len(next(iter(labels.values()))))}
+    validation: dict[str, Any] = {"images": int(len(next(iter(labels.values())))),
+                                  **validation_scores(logits, labels, tasks=tasks)}
     temperatures, notes = {}, {}
     for task in tasks:
         fitted = fit_temperature(logits[task], labels[task])
@@ -305,6 +308,27 @@ def fit_calibration(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.nd
             log.warning("no malignant validation images: the malignancy threshold stays at 0.5")
     return calibration_record(temperatures, threshold, target_sensitivity, validation, organ_thresholds=by_organ,
                               notes=notes)
+
+
+def validation_scores(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *,
+                      tasks: tuple[str, ...]) -> dict[str, float | None]:
+    """The organ head's accuracy and balanced accuracy (of its most probable class, as ``evaluate`` scores them) and
+    the cancer head's ROC-AUC (None with one class only): how the run chooses between recipes on validation."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    scores: dict[str, float | None] = {}
+    if "organ" in tasks:
+        y_true, y_pred = np.asarray(labels["organ"]), np.asarray(logits["organ"]).argmax(axis=1)
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true": expected on small sets
+            warnings.simplefilter("ignore", UserWarning)
+            scores.update(organ_accuracy=float(accuracy_score(y_true, y_pred)),
+                          organ_balanced_accuracy=float(balanced_accuracy_score(y_true, y_pred)))
+    if "cancer" in tasks:
+        is_malignant = np.asarray(labels["cancer"]) == CANCER_LABELS.index(MALIGNANT)
+        both = 0 < is_malignant.sum() < len(is_malignant)
+        p_malignant = softmax(logits["cancer"])[:, CANCER_LABELS.index(MALIGNANT)]  # a temperature keeps the order
+        scores["cancer_roc_auc"] = float(roc_auc_score(is_malignant, p_malignant)) if both else None
+    return scores
 
 
 def kept_temperature(logits, labels, fitted: float) -> tuple[float, str | None]:

@@ -85,6 +85,25 @@ def test_a_temperature_that_does_not_lower_validation_ece_is_not_kept(monkeypatc
     assert "T = 1" in record["notes"]["organ"] and "did not lower the validation ECE" in record["notes"]["organ"]
 
 
+def test_calibration_records_the_validation_scores_runs_are_compared_by():
+    from multitask import calibration
+
+    organ = np.array([[3.0, 0, 0], [0, 2, 0], [0, 0, 1], [2, 1, 0], [0, 0, 5]])  # argmax 0, 1, 2, 0, 2
+    organ_labels = np.array([0, 1, 2, 1, 1])
+    cancer = np.array([[0.0, 1], [2, 0], [0, 3], [1, 0], [0, 0.5]])  # P(Malignant) rises with the 2nd logit
+    cancer_labels = np.array([1, 0, 1, 0, 0])
+    record = calibration.fit_calibration({"organ": organ, "cancer": cancer},
+                                         {"organ": organ_labels, "cancer": cancer_labels},
+                                         tasks=("organ", "cancer"), target_sensitivity=0.95,
+                                         organ_labels=("A", "B", "C"))["validation"]
+    assert record["organ_accuracy"] == pytest.approx(3 / 5)
+    assert record["organ_balanced_accuracy"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert record["organ_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(organ_labels, [0, 1, 2, 0, 2]))
+    assert record["cancer_roc_auc"] == pytest.approx(roc_auc_score(cancer_labels, cancer[:, 1] - cancer[:, 0])) == 1.0
+    one_class = calibration.validation_scores({"cancer": cancer[:2]}, {"cancer": np.array([0, 0])}, tasks=("cancer",))
+    assert one_class == {"cancer_roc_auc": None}
+
+
 def test_fit_temperature_returns_one_when_there_is_nothing_to_fit(caplog):
     logits, labels = overconfident_logits(100, factor=3.0)
     with caplog.at_level(logging.WARNING, logger="multitask.calibration"):
