@@ -16,13 +16,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # The workers share the machine's cores: TensorFlow's op threads divided between them (set in the environment, so
-    # the processes a test starts, such as notebook kernels and CLI runs, inherit it). Measured on 2 cores: the suite
-    # took 737 s of wall time with it against 760 s without; both used ~1,350 s of CPU, the extra over one process
-    # being the two workers' contention, which this does not remove.
+    # The workers share the machine's cores: each gets its share of threads for TensorFlow's ops (intra-op) AND for
+    # running independent ops side by side (inter-op: InceptionV3's parallel branches), and for OpenMP / OpenBLAS
+    # (numpy, scikit-learn). Set in the environment, so the processes a test starts (notebook kernels, CLI runs)
+    # inherit it. Measured on 2 cores, the same commit: 705 s of wall time with the intra-op share alone, 596 s with
+    # all four (notebook 02 alone: 110 s -> 48 s); without any, 760 s on an earlier commit that took 737 s with one.
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS",
-                          str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _share = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_threads, _share)
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
