@@ -19,8 +19,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # The workers share the machine's cores: each gets its share of threads for TensorFlow's ops (intra-op) AND for
     # running independent ops side by side (inter-op: InceptionV3's parallel branches), and for OpenMP / OpenBLAS
     # (numpy, scikit-learn). Set in the environment, so the processes a test starts (notebook kernels, CLI runs)
-    # inherit it. Measured on 2 cores, the same commit: 705 s of wall time with the intra-op share alone, 596 s with
-    # all four (notebook 02 alone: 110 s -> 48 s); without any, 760 s on an earlier commit that took 737 s with one.
+    # inherit it. Measured on 2 cores: 705 s of pytest with the intra-op share alone, 596 s with all four one commit
+    # later (which also dropped ~30 s of validation passes from one worker); notebook 02 alone went 110 s -> 48 s.
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     _share = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
