@@ -62,6 +62,7 @@ import numpy as np
 from keras import ops
 
 from multitask.errors import RunError
+from multitask.features import backbone_precision, weights_fingerprint
 from multitask.files import atomic_path, write_json
 from multitask.rundir import OOD_ARRAYS_FILE as ARRAYS_FILE
 
@@ -340,19 +341,22 @@ def fit_run_detector(backbone: keras.Model, split, *, image_size: int, batch_siz
     the 99th percentile of its validation images' scores, write it to ``out`` (ood.json, ood.npz beside it) and
     return the record for config.json; None, with a warning, when too few training images decode.
 
-    ``computed`` holds block features (:func:`feature_model`'s outputs) that an earlier pass computed through this
-    very backbone's tapped layers: training's feature pass (:class:`multitask.train.Trainer`). They are used, instead
-    of a pass of their own, when they cover every image chosen here; the record says which (``features_from``).
+    ``computed`` holds block features (:func:`feature_model`'s outputs) from an earlier pass: training's feature
+    pass (:class:`multitask.train.Trainer`). They are used, instead of a pass of their own, when the layers they
+    tap are bit for bit this backbone's, at its precision (:func:`taps_identity`; fine-tuning from a later block
+    leaves them frozen), and they cover every image chosen here; the record says which (``features_from``).
 
     Without validation images the threshold is the 99th percentile of the cross-fitted training scores: each is
     the score of an image the detector was fitted without, so it is the nearest honest stand-in."""
     train, val = (_sample(split[split["split"] == name], MAX_FIT_IMAGES, seed) for name in ("train", "val"))
     paths = train["path"].tolist() + val["path"].tolist()
-    known = computed.lookup(paths) if computed is not None else None
+    taps = feature_model(backbone)
+    usable = computed is not None and computed.source == taps_identity(backbone, taps)
+    known = computed.lookup(paths) if usable else None
     if known is not None:
         features, rows = known
     else:
-        features, rows = extract(feature_model(backbone), paths, image_size=image_size, batch_size=batch_size)
+        features, rows = extract(taps, paths, image_size=image_size, batch_size=batch_size)
     is_train = rows < len(train)
     if is_train.sum() < MIN_FIT_IMAGES:
         log.warning("only %d training images decode: no out-of-distribution detector (it needs %d)",
@@ -377,14 +381,21 @@ def fit_run_detector(backbone: keras.Model, split, *, image_size: int, batch_siz
             "features_from": "the training feature pass" if known is not None else "a pass of its own"}
 
 
+def taps_identity(backbone: keras.Model, taps: keras.Model | None = None) -> tuple[str, str]:
+    """What block features computed through ``taps`` (``backbone``'s :func:`feature_model`) depend on: the SHA-256
+    of its weights and the precision ``backbone`` computes in."""
+    return weights_fingerprint(taps or feature_model(backbone)), backbone_precision(backbone)
+
+
 @dataclass
 class Computed:
     """Block features already computed: ``blocks[name][i]`` belongs to ``paths[rows[i]]`` (files that did not
-    decode have no row)."""
+    decode have no row); ``source`` is the :func:`taps_identity` of the layers that computed them."""
 
     paths: Sequence[str]
     blocks: Mapping[str, np.ndarray]
     rows: np.ndarray
+    source: tuple[str, str]
 
     def lookup(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
         """As :func:`extract` on ``paths`` would answer (features of the files that decode, their positions), or

@@ -53,11 +53,11 @@ from multitask.data import (
 from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.errors import DataError
-from multitask.features import Features, backbone_precision, cached_features, features_dataset, weights_fingerprint
+from multitask.features import Features, cached_features, features_dataset
 from multitask.files import read_json, write_csv, write_json
 from multitask.history import best_epoch, plot_history, read_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
-from multitask.ood import Computed, feature_model, fit_run_detector
+from multitask.ood import Computed, feature_model, fit_run_detector, taps_identity
 from multitask.rundir import (
     CACHE_DIR,
     HISTORY_FILE,
@@ -113,9 +113,7 @@ class Trainer:
         self.fit_rows: pd.DataFrame | None = None  # the train and val rows, in that order (features, decoded cache)
         self.use_decoded = False  # whether --decoded-cache says to read pixels from the decoded-image cache
         self.decoded: DecodedImages | None = None  # that cache, once opened (see decoded_cache)
-        # The OOD detector's block features from the feature pass, and (tapped weights' SHA-256, precision) then.
-        self.ood_blocks: Computed | None = None
-        self.ood_blocks_from: tuple[str, str] | None = None
+        self.ood_blocks: Computed | None = None  # the OOD detector's block features from the feature pass
         with self.strategy.scope():  # first, so that unavailable weights fail before the run folder is touched
             with dtype_policy(self.precision):  # only the model: the weighting and the losses stay float32
                 self.model = build_model(config.tasks, config.image_size, config.weights)
@@ -205,8 +203,7 @@ class Trainer:
                                    workers=self.workers, decoded=self.decoded_cache if self.use_decoded else None,
                                    jit_compile=self.jit_compile, extra_outputs=taps.output)
         if features.extra:
-            self.ood_blocks = Computed(paths, features.extra, features.rows)
-            self.ood_blocks_from = (weights_fingerprint(taps), backbone_precision(self.parts.backbone))
+            self.ood_blocks = Computed(paths, features.extra, features.rows, taps_identity(self.parts.backbone, taps))
         # Standardise with training-set statistics; the fitted layer is part of the saved backbone.
         features.values = fit_feature_scaling(self.parts.backbone, features.values, fit_rows=is_train[features.rows])
         return features
@@ -393,16 +390,12 @@ class Trainer:
 
     def fit_ood(self, split: pd.DataFrame) -> dict[str, Any] | None:
         """The out-of-distribution detector (:mod:`multitask.ood`): fitted on the training images through the saved
-        backbone, thresholded on the validation images, written into the run. Its block features come from phase
-        1's feature pass when the layers they tap are bit for bit those of that pass, at the same precision
-        (fine-tuning from a later block leaves them frozen), else from a pass of their own."""
-        config, computed = self.config, None
-        if self.ood_blocks is not None:
-            now = (weights_fingerprint(feature_model(self.parts.backbone)), backbone_precision(self.parts.backbone))
-            computed = self.ood_blocks if now == self.ood_blocks_from else None
+        backbone, thresholded on the validation images, written into the run; from phase 1's block features when
+        the layers they tap have not changed since (:func:`multitask.ood.fit_run_detector` checks)."""
+        config = self.config
         return fit_run_detector(self.parts.backbone, split, image_size=config.image_size,
                                 batch_size=config.batch_size, seed=config.seed, out=self.run.path / OOD_FILE,
-                                computed=computed)
+                                computed=self.ood_blocks)
 
     # ------------------------------------------------------------------------------------------- the end
 

@@ -97,13 +97,14 @@ def test_train_fits_a_detector_that_the_graph_computes_exactly(joint_run, demo_s
 def test_computed_block_features_answer_as_a_pass_would_or_not_at_all():
     blocks = {name: np.arange(6, dtype=np.float32).reshape(3, 2) + i
               for i, name in enumerate(("pixels", "mixed0", "mixed2", "mixed5"))}
-    computed = Computed(["a", "b", "c", "d"], blocks, np.array([0, 2, 3]))  # "b" did not decode
+    computed = Computed(["a", "b", "c", "d"], blocks, np.array([0, 2, 3]), ("sha", "float32"))  # "b" did not decode
     features, rows = computed.lookup(["d", "b", "a"])
     assert rows.tolist() == [0, 2]  # positions in the asked paths, as extract() gives: "b" is skipped
     np.testing.assert_array_equal(features["mixed0"], [[5.0, 6.0], [1.0, 2.0]])  # rows of "d" and "a"
     assert features["mixed0"].dtype == np.float64
     assert computed.lookup(["a", "e"]) is None  # a path the pass never saw: the caller makes its own pass
-    assert Computed(["a"], {"pixels": blocks["pixels"][:1]}, np.array([0])).lookup(["a"]) is None  # blocks missing
+    missing = Computed(["a"], {"pixels": blocks["pixels"][:1]}, np.array([0]), ("sha", "float32"))
+    assert missing.lookup(["a"]) is None  # blocks missing
 
 
 @pytest.fixture(scope="module")
