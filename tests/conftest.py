@@ -59,6 +59,78 @@ def pytest_collection_modifyitems(items) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
 
 
+# The suite loads the same few run models ~80 times (~1.5 s each) and traces an inference graph for nearly every
+# one (~1.3 s at 75 px; measured with a timing plugin and cProfile): each worker keeps the last few of each.
+KEPT_MODELS = 6
+KEPT_GRAPHS = 12
+
+
+def _lru(size: int):
+    """A small least-recently-used memo: ``memo(key, make)`` returns the value kept under ``key``, or makes it."""
+    from collections import OrderedDict
+
+    kept = OrderedDict()
+
+    def memo(key, make):
+        if key not in kept:
+            kept[key] = make()
+            while len(kept) > size:
+                kept.popitem(last=False)
+        kept.move_to_end(key)
+        return kept[key]
+
+    return memo
+
+
+def _detector_key(ood) -> str | None:
+    """What an OOD detector puts into the inference graph, as a SHA-256 (None without one)."""
+    import hashlib
+
+    import numpy as np
+
+    if ood is None:
+        return None
+    digest = hashlib.sha256(repr((ood.block_names, ood.threshold)).encode())
+    for block in ood.blocks:
+        for value in (block.means, block.whiten, block.centre, block.scale):
+            digest.update(np.ascontiguousarray(value, np.float64).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loaded_models_are_shared():
+    """Each worker keeps the last KEPT_MODELS models that runs loaded (``RunInfo.load_model``'s file read and safe
+    load, :func:`multitask.runcheck.load_checked_model`), keyed by the file's identity (path, inode, size, mtime)
+    and the image size it is checked against: a file that was replaced, changed or damaged is read and checked
+    again, and ``load_model`` still checks the run's recorded hash every time. Likewise the last KEPT_GRAPHS
+    inference graphs built from a kept model (keyed by that model, the temperatures and the OOD detector's
+    values) and their traced Keras engines. A test that changes a loaded model in memory loads it with
+    ``keras.models.load_model`` itself, or changes a copied run (a new key)."""
+    from multitask import export, rundir
+
+    load, build, engine = rundir.load_checked_model, export.inference_model, export.KerasEngine
+    models, graphs, engines = _lru(KEPT_MODELS), _lru(KEPT_GRAPHS), _lru(KEPT_GRAPHS)
+
+    def shared_load(path, *, image_size, config_path):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, image_size)
+        return models(key, lambda: load(path, image_size=image_size, config_path=config_path))
+
+    def shared_graph(model, *, temperatures=None, ood=None):
+        key = (id(model), tuple(sorted((temperatures or {}).items())), _detector_key(ood))
+        # the model is kept with its graph, so its id cannot be reused by another model while the entry lives
+        return graphs(key, lambda: (model, build(model, temperatures=temperatures, ood=ood)))[1]
+
+    def shared_engine(inference):
+        return engines(id(inference), lambda: (inference, engine(inference)))[1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rundir, "load_checked_model", shared_load)
+        patch.setattr(export, "inference_model", shared_graph)
+        patch.setattr(export, "KerasEngine", shared_engine)
+        yield
+
+
 def shared(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
     """``build(folder)``'s result, built once per test session into ``folder`` even when several xdist workers ask:
     the first builds under a lock, the others wait and reuse it. A build that failed is redone, never reused."""
