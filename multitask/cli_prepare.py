@@ -14,6 +14,7 @@ from multitask.settings import (
     AUGMENTS,
     BALANCES,
     DEFAULT_SPLIT_METHOD,
+    FINE_TUNE_LR_FACTOR,
     PRECISIONS,
     PRETRAINED_FINE_TUNE_EPOCHS,
     SPLIT_METHODS,
@@ -253,7 +254,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="first backbone layer to fine-tune; BatchNorm stays frozen (default %(default)s)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default %(default)s")
     p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
-                   help="default: a tenth of --learning-rate")
+                   help=f"default: {FINE_TUNE_LR_FACTOR:g} x --learning-rate")
     p.add_argument("--loss-weights", type=_loss_weights, default=d.loss_weights,
                    help="static weight of each head's loss, e.g. organ=1.0,cancer=0.5 (default 1 each)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,

@@ -12,7 +12,7 @@ import pandas as pd
 
 from multitask.calibration import format_interval
 from multitask.rundir import RunInfo
-from multitask.settings import balance_mode
+from multitask.settings import balance_mode, saved_fine_tune_rate
 
 HEADLINE = {  # metric key -> how the report names it, per head
     "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
@@ -221,7 +221,8 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
               f"trained jointly ({config['task']}); input RGB images at {run.image_size} px.",
               f"- **Initialisation:** `{settings.get('weights')}`; phase 1 {config['epochs']['heads']} epoch(s) of "
               f"the heads on a frozen backbone, phase 2 {config['epochs']['fine_tune']} epoch(s) of fine-tuning "
-              f"from `{settings.get('unfreeze_from')}`; the saved model is the {config['saved']['phase']} phase's "
+              f"from `{settings.get('unfreeze_from')}` at learning rate {_fine_tune_rate(settings)}; the saved "
+              f"model is the {config['saved']['phase']} phase's "
               f"best epoch on the validation objective.",
               f"- **Loss weighting:** {config['weighting']['method']}; sample balance: {_balance(settings)}; "
               f"fine-tuning augmentation: {settings.get('augment', 'standard')}; seed {config['seed']}; trained "
@@ -243,6 +244,11 @@ def render_model_card(run: RunInfo, metrics: dict[str, Any], *, split: pd.DataFr
 def _balance(settings: dict[str, Any]) -> str:
     """The run's --balance mode (settings.balance_mode reads an older config.json's true/false)."""
     return str(balance_mode(settings.get("balance", "none")))
+
+
+def _fine_tune_rate(settings: dict[str, Any]) -> str:
+    rate = saved_fine_tune_rate(settings)
+    return "n/a" if rate is None else f"{rate:g}"
 
 
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:

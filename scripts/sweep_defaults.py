@@ -38,8 +38,9 @@ from multitask.settings import TrainConfig  # noqa: E402
 from multitask.splits import save_split, split_manifest  # noqa: E402
 from multitask.train import train  # noqa: E402
 
-# The candidates: image size, fine-tuning (epochs and the block unfrozen from), augmentation strength, organ-balanced
-# sample weights and flip test-time augmentation, on top of the frozen defaults.
+# The candidates: image size, fine-tuning (epochs, the block unfrozen from and its learning rate), augmentation
+# strength, organ-balanced sample weights, the cancer head's loss weight and flip test-time augmentation, on top of
+# the frozen defaults.
 RECIPES = {
     "frozen-160": {"image_size": 160},
     "frozen-256": {"image_size": 256},
@@ -52,6 +53,14 @@ RECIPES = {
     "tuned-299-mixed7-e3-noaug": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
                                   "augment": "none"},
     "tuned-299-mixed7-e3-tta": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7", "tta": True},
+    "tuned-299-mixed7-e3-lr3e-5": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "fine_tune_learning_rate": 3e-5},
+    "tuned-299-mixed7-e3-lr1e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "fine_tune_learning_rate": 1e-4},
+    "tuned-299-mixed7-e3-lr3e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "fine_tune_learning_rate": 3e-4},
+    "tuned-299-mixed7-e3-cancer2": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                    "loss_weights": {"organ": 1.0, "cancer": 2.0}},
     "frozen-384": {"image_size": 384},
     "tuned-384-mixed7-e3": {"image_size": 384, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
     "frozen-256-organs": {"image_size": 256, "balance": "organs"},
@@ -66,11 +75,14 @@ RECIPES = {
 }
 EVALUATION_OPTIONS = ("tta",)  # recipe keys that say how a run is scored, not how it is trained
 CHOICE = ("val_organ_bacc", "val_cancer_auc")  # the recipe with the best mean of these (over seeds) wins
+SWEPT_FINE_TUNE_LR = 1e-5  # the fine-tuning rate of every recipe that names none: the default when they were swept
 
 
 def training_settings(recipe: str) -> dict:
-    """The TrainConfig fields of ``recipe`` (its evaluation options left out), fine-tuning off unless it says."""
-    return {"fine_tune_epochs": 0, **{k: v for k, v in RECIPES[recipe].items() if k not in EVALUATION_OPTIONS}}
+    """The TrainConfig fields of ``recipe`` (its evaluation options left out), fine-tuning off and at
+    :data:`SWEPT_FINE_TUNE_LR` unless it says, so each recipe trains as it did when its row was measured."""
+    return {"fine_tune_epochs": 0, "fine_tune_learning_rate": SWEPT_FINE_TUNE_LR,
+            **{k: v for k, v in RECIPES[recipe].items() if k not in EVALUATION_OPTIONS}}
 
 
 def trained_as(recipe: str) -> str:

@@ -21,6 +21,7 @@ from multitask.evaluate import (
     summary_table,
     task_metrics,
 )
+from multitask.settings import FINE_TUNE_LR_FACTOR
 from multitask.taxonomy import ORGAN_LABELS
 
 MAX_PNG_BYTES = 150_000
@@ -233,6 +234,9 @@ def test_report_and_model_card_say_what_was_done(joint_run, demo_data, tmp_path,
             "so the raw probabilities are kept")
     config["calibration"]["temperatures"]["cancer"] = 1.0
     config["calibration"]["notes"] = {"cancer": note}
+    heads_rate = config["settings"]["learning_rate"]
+    assert config["settings"]["fine_tune_learning_rate"] == heads_rate * FINE_TUNE_LR_FACTOR  # resolved when trained
+    config["settings"]["fine_tune_learning_rate"] = None  # as a config.json from before: it meant a tenth
     (run / "config.json").write_text(json.dumps(config))
 
     assert cli.main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
@@ -256,3 +260,4 @@ def test_report_and_model_card_say_what_was_done(joint_run, demo_data, tmp_path,
     root = re.search(r"\*\*Root:\*\* `([^`]*)`", card).group(1)
     assert not root.endswith(".csv") and Path(root).is_dir() and Path(root).is_relative_to(demo_data)
     assert f"The cancer head is {note}." in card
+    assert f"from `mixed7` at learning rate {heads_rate / 10:g};" in card

@@ -48,18 +48,21 @@ def test_default_recipe_learns_real_images_and_its_config_describes_the_saved_mo
     best = info.config["best"]
     if best.get("fine_tune") is not None and saved["phase"] == "fine_tune":
         assert best["fine_tune"] <= best["heads"]
-    # Measured on the test split (scripts/sweep_defaults.py), seeds 42 / 7 / 1234: organ accuracy 0.958 / 0.966 /
-    # 0.950, balanced 0.963 / 0.964 / 0.942, cancer ROC-AUC 0.910 / 0.948 / 0.956. The bars sit below the lowest.
+    # Measured on the test split (scripts/sweep_defaults.py, tuned-299-mixed7-e3-lr1e-4), seeds 42 / 7 / 1234: organ
+    # accuracy 0.966 / 0.983 / 0.950, balanced 0.917 / 0.981 / 0.946, cancer ROC-AUC 0.945 / 0.972 / 0.962. The bars
+    # sit below the lowest; the balanced one leaves room for two more misses in an 8-image organ (0.014 each), as
+    # seed 42's 0.917 is one of its 2 Colon images (0.056). This suite's own run of seed 42 read 0.958 / 0.909 / 0.958.
     assert default["organ"]["accuracy"] >= 0.93
-    assert default["organ"]["balanced_accuracy"] >= 0.90
-    assert default["cancer"]["roc_auc"] >= 0.87
+    assert default["organ"]["balanced_accuracy"] >= 0.88
+    assert default["cancer"]["roc_auc"] >= 0.90
 
 
 def test_int8_passes_its_self_check_at_the_default_size_and_predicts_like_keras(real_default_run, default_eval):
     """int8 where the product promises it: a pretrained real-sample run at the default 299 px. Measured on its 32
-    check images (seed 42): max |difference| 0.127 (organ) / 0.046 (cancer) under XNNPACK, with oneDNN at full ISA or
-    AVX2, and 0.097 / 0.060 under LiteRT's reference kernels, against the product's bar of 0.25; answers flipped only
-    at near ties (0-1 of 32; bar 93%). multitask.export.TOLERANCE says how the bars were set."""
+    check images (seed 42): max |difference| 0.092 (organ) / 0.023 (cancer) under XNNPACK, with oneDNN at full ISA or
+    AVX2, and 0.094 / 0.023 under LiteRT's reference kernels, against the product's bar of 0.25; no answer flipped
+    (the earlier default's runs flipped 0-1 of 32 at near ties; bar 93%). multitask.export.TOLERANCE says how the
+    bars were set."""
     info = open_run(real_default_run)
     assert info.image_size == 299
     result = export_run(real_default_run, format="int8")  # the product's own bars (TOLERANCE["int8"])
@@ -93,5 +96,5 @@ def test_default_recipe_beats_frozen_160_on_validation(real_run, real_default_ru
     evaluated = validation(real_run, tmp_path)
     assert baseline["organ_balanced_accuracy"] == pytest.approx(evaluated["organ"]["balanced_accuracy"], abs=0.02)
     assert baseline["cancer_roc_auc"] == pytest.approx(evaluated["cancer"]["roc_auc"], abs=0.01)
-    # Measured, seeds 42 / 7 / 1234: 0.912 / 0.957 / 0.952 against 0.814 / 0.833 / 0.910.
+    # Measured, seeds 42 / 7 / 1234: 0.939 / 0.984 / 1.000 against 0.814 / 0.833 / 0.910.
     assert chosen["organ_balanced_accuracy"] > baseline["organ_balanced_accuracy"]

@@ -18,7 +18,7 @@ from multitask.errors import ConfigError, cli_message
 from multitask.predict import Predictor
 from multitask.report import _balance
 from multitask.rundir import _as_saved_now
-from multitask.settings import AUGMENTS, TrainConfig
+from multitask.settings import AUGMENTS, FINE_TUNE_LR_FACTOR, TrainConfig
 from multitask.shards import operating_point
 from multitask.train import Trainer
 
@@ -81,6 +81,24 @@ def test_an_old_balance_switch_still_means_what_it_meant():
     assert _as_saved_now(saved_then) == TrainConfig(data="x", balance="none", augment="standard").to_dict()
     with pytest.raises(ConfigError, match="'sometimes'"):
         TrainConfig(data="x", balance="sometimes").validate()
+
+
+def test_the_fine_tuning_rate_is_resolved_into_the_config_and_an_old_unset_one_keeps_its_meaning():
+    config = TrainConfig(data="x")
+    assert config.fine_tune_learning_rate == config.fine_tune_lr == 1e-4 * FINE_TUNE_LR_FACTOR
+    assert config.to_dict()["fine_tune_learning_rate"] == 1e-4 * FINE_TUNE_LR_FACTOR  # config.json: the rate used
+    assert TrainConfig(data="x", learning_rate=3e-4).fine_tune_lr == 3e-4 * FINE_TUNE_LR_FACTOR
+    assert TrainConfig(data="x", fine_tune_learning_rate=2e-6).fine_tune_lr == 2e-6
+    assert cli.build_parser().parse_args(["train", "--out", "run", "--data", "d"]).fine_tune_learning_rate is None
+    # A config.json written before the rate was resolved holds null (or no key): that meant a tenth of learning_rate.
+    old = {**TrainConfig(data="x", learning_rate=3e-4).to_dict(), "fine_tune_learning_rate": None}
+    assert TrainConfig.from_dict(old).fine_tune_lr == 3e-4 / 10
+    del old["fine_tune_learning_rate"]
+    assert TrainConfig.from_dict(old).fine_tune_lr == 3e-4 / 10
+    # So an unfinished run from then is compared with the rate it really used, and today's default is a change.
+    assert _as_saved_now(old)["fine_tune_learning_rate"] == 3e-4 / 10 != FINE_TUNE_LR_FACTOR * 3e-4
+    with pytest.raises(ConfigError, match="learning_rate must be a positive number, got 0"):
+        TrainConfig(data="x", learning_rate=0).validate()
 
 
 def test_balance_and_augment_flags_parse():
@@ -197,3 +215,12 @@ def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
                                weights="w").augment == "strong"
     assert sweep.recipe_config("frozen-256-organs", 7, split_file=tmp_path / "s.csv", out=tmp_path,
                                weights="w").balance == "organs"
+    # The rows measured before the fine-tuning rate was swept keep the rate they ran at; today's default is a row.
+    assert sweep.recipe_config("tuned-299-mixed7-e3", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").fine_tune_lr == 1e-5
+    default = TrainConfig(split_file="s.csv", weights="w")
+    assert any(sweep.training_settings(recipe) == {"fine_tune_epochs": default.fine_tune_epochs,
+                                                   "fine_tune_learning_rate": default.fine_tune_learning_rate,
+                                                   "image_size": default.image_size,
+                                                   "unfreeze_from": default.unfreeze_from}
+               for recipe in sweep.RECIPES)
