@@ -127,9 +127,8 @@ class TrainConfig:
         return TASKS if self.task == "joint" else (self.task,)
 
     @property
-    def fine_tune_lr(self) -> float:
-        if self.fine_tune_learning_rate is None:  # only while learning_rate is not a number (validate() says so)
-            return self.learning_rate * FINE_TUNE_LR_FACTOR if _positive(self.learning_rate) else None
+    def fine_tune_lr(self) -> float | None:
+        """The fine-tuning rate, resolved on construction (None only beside an invalid learning_rate: validate())."""
         return self.fine_tune_learning_rate
 
     @property
