@@ -101,8 +101,13 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def make_optimizer(learning_rate: float, *, precision: str) -> keras.optimizers.Optimizer:
-    """Adam at ``learning_rate``; under mixed_float16 wrapped in a LossScaleOptimizer (dynamic loss scaling)."""
+def make_optimizer(learning_rate: float, *, precision: str, decay_steps: int | None = None
+                   ) -> keras.optimizers.Optimizer:
+    """Adam at ``learning_rate``, cosine-decayed to 0 over ``decay_steps`` optimizer steps when given (the schedule
+    reads the optimizer's step count, which its saved state holds); under mixed_float16 wrapped in a
+    LossScaleOptimizer (dynamic loss scaling)."""
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
     optimizer = keras.optimizers.Adam(learning_rate)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -15,6 +15,7 @@ from multitask.settings import (
     BALANCES,
     DEFAULT_SPLIT_METHOD,
     FINE_TUNE_LR_FACTOR,
+    FINE_TUNE_SCHEDULES,
     PRECISIONS,
     PRETRAINED_FINE_TUNE_EPOCHS,
     SPLIT_METHODS,
@@ -255,6 +256,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="default %(default)s")
     p.add_argument("--fine-tune-learning-rate", type=float, default=d.fine_tune_learning_rate,
                    help=f"default: {FINE_TUNE_LR_FACTOR:g} x --learning-rate")
+    p.add_argument("--fine-tune-schedule", choices=FINE_TUNE_SCHEDULES, default=d.fine_tune_schedule,
+                   help="fine-tuning's learning rate over the phase: constant, or cosine: decayed to 0 by its last "
+                        "step (default %(default)s)")
     p.add_argument("--loss-weights", type=_loss_weights, default=d.loss_weights,
                    help="static weight of each head's loss, e.g. organ=1.0,cancer=0.5 (default 1 each)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,

@@ -247,8 +247,12 @@ def _balance(settings: dict[str, Any]) -> str:
 
 
 def _fine_tune_rate(settings: dict[str, Any]) -> str:
+    """The fine-tuning rate as the run used it: a number, and how it moved over the phase unless it stayed constant
+    (a config.json from before --fine-tune-schedule has no key: constant)."""
     rate = saved_fine_tune_rate(settings)
-    return "n/a" if rate is None else f"{rate:g}"
+    if rate is None:
+        return "n/a"
+    return f"{rate:g}" + (", cosine-decayed to 0" if settings.get("fine_tune_schedule") == "cosine" else "")
 
 
 def _training_data(run: RunInfo, split: pd.DataFrame, settings: dict, audit: dict | None, synthetic: bool) -> list:

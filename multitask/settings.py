@@ -36,6 +36,10 @@ BALANCES = ("none", "classes", "organs")
 # Fine-tuning augmentation (multitask.augment says what each one does and why it keeps the label): none, standard
 # (flips, rotation up to ~10.8 degrees, 10% brightness/contrast: what every run before this setting used), strong.
 AUGMENTS = ("none", "standard", "strong")
+# Fine-tuning's learning rate over the phase: constant (every run before this setting), or cosine: from the rate down to
+# 0 at the phase's last step (Keras' CosineDecay over fine_tune_epochs x the steps of an epoch). The schedule follows
+# the optimizer's step count, which each epoch's backup holds, so a resumed run goes on where it stopped.
+FINE_TUNE_SCHEDULES = ("constant", "cosine")
 SPLITS = ("train", "val", "test")
 SPLIT_METHODS = ("random", "grouped")
 DEFAULT_SPLIT_METHOD = "grouped"  # leakage-aware: augmented siblings of one source stay in one split
@@ -101,6 +105,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     # None: FINE_TUNE_LR_FACTOR x learning_rate; resolved on construction, so config.json holds the rate used.
     fine_tune_learning_rate: float | None = None
+    fine_tune_schedule: str = "constant"  # FINE_TUNE_SCHEDULES; a config.json from before this setting means constant
     loss_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     weighting: str = "static"
     balance: str = "none"  # BALANCES; true/false in an older config.json mean "classes"/"none"
@@ -150,6 +155,9 @@ class TrainConfig:
                                            f"{self.weighting!r}"),
             (self.balance in BALANCES, f"$balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
             (self.augment in AUGMENTS, f"$augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (self.fine_tune_schedule in FINE_TUNE_SCHEDULES, "$fine_tune_schedule must be one of "
+                                                             f"{', '.join(FINE_TUNE_SCHEDULES)}, got "
+                                                             f"{self.fine_tune_schedule!r}"),
             (self.strategy in STRATEGIES, f"$strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.split in SPLIT_METHODS, f"$split must be one of {', '.join(SPLIT_METHODS)}, got {self.split!r}"),
             (self.precision in PRECISIONS, f"$precision must be one of {', '.join(PRECISIONS)}, got "
@@ -197,6 +205,7 @@ class TrainConfig:
             raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}")
         settings = dict(settings)
         settings["fine_tune_learning_rate"] = saved_fine_tune_rate(settings)
+        settings.setdefault("fine_tune_schedule", "constant")  # what every run before the setting did
         if "fractions" in settings:
             settings["fractions"] = tuple(settings["fractions"])
         return cls(**settings)

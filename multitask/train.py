@@ -274,12 +274,15 @@ class Trainer:
         def augmenter(training):  # --augment's strength on the training images; None for none, and for validation
             return make_augmenter(config.seed, strength=config.augment) if training else None
 
+        sizes = {}  # images per split that the datasets hold
+
         def dataset(name, training):
             if decoded is not None:  # the train and val rows, in split order, that the cache holds
                 positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), decoded.rows)
                 rows = self.fit_rows.iloc[positions].reset_index(drop=True)
             else:
                 rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
+            sizes[name] = len(rows)
             if rows.empty:
                 return None
             weights = self.sample_weights(rows, balance)
@@ -293,17 +296,22 @@ class Trainer:
                                 training=training, seed=config.seed, sample_weight=weights, known_length=True,
                                 augment=augmenter(training))
 
+        train_ds, val_ds = dataset("train", True), dataset("val", False)
+        # --fine-tune-schedule cosine: decay to 0 over the phase's optimizer steps (one per batch of an epoch)
+        decay_steps = (config.fine_tune_epochs * -(-sizes["train"] // config.batch_size)
+                       if config.fine_tune_schedule == "cosine" else None)
         with self.strategy.scope():
             trainable = freeze_backbone(self.parts.backbone, unfreeze_from=config.unfreeze_from)
             trainer = MultiTaskTrainer(self.model, self.weighting, name="fine_tune_trainer")
-            trainer.compile(optimizer=make_optimizer(config.fine_tune_lr, precision=self.precision),
+            trainer.compile(optimizer=make_optimizer(config.fine_tune_lr, precision=self.precision,
+                                                     decay_steps=decay_steps),
                             jit_compile=self.jit_compile)
         if not trainable:
             log.warning("no backbone layer with weights comes after %s, so fine-tuning trains the heads only; unfreeze "
                         "from an earlier layer (mixed9 trains the last Inception block)", config.unfreeze_from)
-        log.info("fine-tuning %d backbone layers after %s at learning rate %g", trainable, config.unfreeze_from,
-                 config.fine_tune_lr)
-        tuned = self._fit(trainer, dataset("train", True), dataset("val", False), phase="fine_tune",
+        log.info("fine-tuning %d backbone layers after %s at learning rate %g%s", trainable, config.unfreeze_from,
+                 config.fine_tune_lr, f", cosine-decayed to 0 over {decay_steps} steps" if decay_steps else "")
+        tuned = self._fit(trainer, train_ds, val_ds, phase="fine_tune",
                           initial_epoch=heads.end, epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_lr,
                           start=start)
         if not _better(tuned.best, heads.best):  # the saved model is the best one seen, whichever phase made it

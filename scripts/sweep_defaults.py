@@ -59,6 +59,12 @@ RECIPES = {
                                    "fine_tune_learning_rate": 1e-4},
     "tuned-299-mixed7-e3-lr3e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
                                    "fine_tune_learning_rate": 3e-4},
+    "tuned-299-mixed9-e3-lr1e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed9",
+                                   "fine_tune_learning_rate": 1e-4},
+    "tuned-299-mixed7-e3-lr1e-4-cos": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                       "fine_tune_learning_rate": 1e-4, "fine_tune_schedule": "cosine"},
+    "tuned-299-mixed7-e3-lr3e-4-cos": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                       "fine_tune_learning_rate": 3e-4, "fine_tune_schedule": "cosine"},
     "tuned-299-mixed7-e3-cancer2": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
                                     "loss_weights": {"organ": 1.0, "cancer": 2.0}},
     "frozen-384": {"image_size": 384},
@@ -76,12 +82,14 @@ RECIPES = {
 EVALUATION_OPTIONS = ("tta",)  # recipe keys that say how a run is scored, not how it is trained
 CHOICE = ("val_organ_bacc", "val_cancer_auc")  # the recipe with the best mean of these (over seeds) wins
 SWEPT_FINE_TUNE_LR = 1e-5  # the fine-tuning rate of every recipe that names none: the default when they were swept
+SWEPT_SCHEDULE = "constant"  # likewise the fine-tuning schedule of every recipe that names none
 
 
 def training_settings(recipe: str) -> dict:
-    """The TrainConfig fields of ``recipe`` (its evaluation options left out), fine-tuning off and at
-    :data:`SWEPT_FINE_TUNE_LR` unless it says, so each recipe trains as it did when its row was measured."""
-    return {"fine_tune_epochs": 0, "fine_tune_learning_rate": SWEPT_FINE_TUNE_LR,
+    """The TrainConfig fields of ``recipe`` (its evaluation options left out): fine-tuning off, at
+    :data:`SWEPT_FINE_TUNE_LR` and :data:`SWEPT_SCHEDULE` unless it says, so each recipe trains as it did when its
+    row was measured."""
+    return {"fine_tune_epochs": 0, "fine_tune_learning_rate": SWEPT_FINE_TUNE_LR, "fine_tune_schedule": SWEPT_SCHEDULE,
             **{k: v for k, v in RECIPES[recipe].items() if k not in EVALUATION_OPTIONS}}
 
 

@@ -16,7 +16,7 @@ from multitask.augment import AMOUNTS, JITTER, MAX_ROTATION, augment_amounts, ma
 from multitask.data import balance_weights, class_weights, organ_weights, sample_weights
 from multitask.errors import ConfigError, cli_message
 from multitask.predict import Predictor
-from multitask.report import _balance
+from multitask.report import _balance, _fine_tune_rate
 from multitask.rundir import _as_saved_now
 from multitask.settings import AUGMENTS, FINE_TUNE_LR_FACTOR, TrainConfig
 from multitask.shards import operating_point
@@ -99,6 +99,52 @@ def test_the_fine_tuning_rate_is_resolved_into_the_config_and_an_old_unset_one_k
     assert _as_saved_now(old)["fine_tune_learning_rate"] == 3e-4 / 10 != FINE_TUNE_LR_FACTOR * 3e-4
     with pytest.raises(ConfigError, match="learning_rate must be a positive number, got 0"):
         TrainConfig(data="x", learning_rate=0).validate()
+
+
+def test_the_fine_tuning_schedule_is_a_checked_setting_and_an_old_config_means_constant():
+    assert TrainConfig(data="x").fine_tune_schedule == "constant"
+    train = ["train", "--out", "run", "--data", "d"]
+    assert cli.build_parser().parse_args(train).fine_tune_schedule == "constant"
+    assert cli.build_parser().parse_args([*train, "--fine-tune-schedule", "cosine"]).fine_tune_schedule == "cosine"
+    old = TrainConfig(data="x", fine_tune_schedule="cosine").to_dict()
+    del old["fine_tune_schedule"]  # a config.json from before the setting: those runs kept the rate constant
+    assert TrainConfig.from_dict(old).fine_tune_schedule == "constant"
+    with pytest.raises(ConfigError, match="fine_tune_schedule must be one of constant, cosine, got 'linear'"):
+        TrainConfig(data="x", fine_tune_schedule="linear").validate()
+    # The model card says how the rate moved.
+    assert _fine_tune_rate({**old, "fine_tune_learning_rate": 2e-4}) == "0.0002"
+    assert _fine_tune_rate({**old, "fine_tune_learning_rate": 2e-4, "fine_tune_schedule": "cosine"}) == (
+        "0.0002, cosine-decayed to 0")
+
+
+def test_a_cosine_schedule_decays_to_zero_and_a_resumed_phase_goes_on_where_it_stopped(tmp_path):
+    import keras
+
+    from multitask.accelerate import make_optimizer
+    from multitask.callbacks import EpochBackup
+
+    def trainer(decay_steps):
+        image = keras.Input((3,))
+        model = keras.Model(image, keras.layers.Dense(1)(image))
+        model.compile(optimizer=make_optimizer(1e-2, precision="float32", decay_steps=decay_steps), loss="mse")
+        return model
+
+    x, y = np.ones((16, 3), "float32"), np.zeros((16, 1), "float32")
+    backup = EpochBackup(tmp_path / "backup")
+    first = trainer(8)
+    first.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[backup])  # 4 of the phase's 8 steps
+    assert int(first.optimizer.iterations) == 4
+    assert float(first.optimizer.learning_rate) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 4 / 8)))
+    # A new process resumes from the backup: the step count comes back with the weights, and so does the rate.
+    again = trainer(8)
+    assert backup.restore(again) == 1
+    assert int(again.optimizer.iterations) == 4
+    assert float(again.optimizer.learning_rate) == pytest.approx(5e-3)
+    again.fit(x, y, batch_size=4, initial_epoch=1, epochs=2, verbose=0)
+    assert float(again.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)
+    constant = trainer(None)
+    constant.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert float(constant.optimizer.learning_rate) == pytest.approx(1e-2)
 
 
 def test_balance_and_augment_flags_parse():
@@ -218,9 +264,15 @@ def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
     # The rows measured before the fine-tuning rate was swept keep the rate they ran at; today's default is a row.
     assert sweep.recipe_config("tuned-299-mixed7-e3", 7, split_file=tmp_path / "s.csv", out=tmp_path,
                                weights="w").fine_tune_lr == 1e-5
+    # And the schedule: constant unless the recipe says.
+    assert sweep.recipe_config("tuned-299-mixed7-e3-lr1e-4", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").fine_tune_schedule == "constant"
+    assert sweep.recipe_config("tuned-299-mixed7-e3-lr1e-4-cos", 7, split_file=tmp_path / "s.csv", out=tmp_path,
+                               weights="w").fine_tune_schedule == "cosine"
     default = TrainConfig(split_file="s.csv", weights="w")
     assert any(sweep.training_settings(recipe) == {"fine_tune_epochs": default.fine_tune_epochs,
                                                    "fine_tune_learning_rate": default.fine_tune_learning_rate,
+                                                   "fine_tune_schedule": default.fine_tune_schedule,
                                                    "image_size": default.image_size,
                                                    "unfreeze_from": default.unfreeze_from}
                for recipe in sweep.RECIPES)

@@ -223,15 +223,23 @@ def small_split_with_bad_files(demo_split_csv, tmp_path):
     return path, [str(bad["empty"]), str(bad["text"])]
 
 
-def test_fine_tuning_trains_the_top_block_only_and_skips_bad_files(small_split_with_bad_files, tmp_path):
+def test_fine_tuning_trains_the_top_block_only_and_skips_bad_files(small_split_with_bad_files, tmp_path, caplog):
     from multitask.model import build_backbone
 
     split_file, bad_paths = small_split_with_bad_files
-    config = small_config(tmp_path, split_file, fine_tune_epochs=1, unfreeze_from="mixed9", batch_size=16)
-    info = train(config)
+    config = small_config(tmp_path, split_file, fine_tune_epochs=1, unfreeze_from="mixed9", batch_size=13,
+                          fine_tune_schedule="cosine")
+    with caplog.at_level(logging.INFO, logger="multitask.train"):
+        info = train(config)
     assert info.config["epochs"] == {"heads": 1, "fine_tune": 1}
+    assert info.config["settings"]["fine_tune_schedule"] == "cosine"
     assert pd.read_csv(info.path / HISTORY_FILE)["epoch"].tolist() == [1, 2]
     assert sorted(info.config["features"]["skipped"]) == sorted(bad_paths)
+    # The cosine decays over the phase's steps: one per batch of the training images that decode (52 = 4 x 13; with
+    # the 2 bad files it would be 5).
+    split = pd.read_csv(info.path / "split.csv")
+    readable = int(((split["split"] == "train") & ~split["path"].isin(bad_paths)).sum())
+    assert readable == 52 and "cosine-decayed to 0 over 4 steps" in caplog.text
     # Fine-tuning from mixed9 leaves the OOD detector's layers (up to mixed5) as phase 1's pass computed them.
     assert info.config["ood"]["features_from"] == "the training feature pass"
 
