@@ -90,11 +90,13 @@ def extract_features(backbone, paths: Sequence[str], *, image_size: int, batch_s
     return outputs[FEATURES], rows
 
 
-def extract_outputs(model, paths: Sequence[str], *, image_size: int, batch_size: int, verbose: int = 1,
-                    decoded: DecodedImages | None = None,
-                    jit_compile: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``model``'s outputs (``{name: (n, D) float32}``; a single output is named :data:`FEATURES`) for every file
-    that decodes, and the positions of those files in ``paths``: one pass, as :func:`extract_features`."""
+def model_outputs(model, paths: Sequence[str], *, image_size: int, batch_size: int, verbose: int = 0,
+                  decoded: DecodedImages | None = None,
+                  jit_compile: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``model``'s outputs (``{name: (n, ...) float32}``; a single output is named :data:`FEATURES`) for every file
+    that decodes (or every image ``decoded`` holds), and the positions of those files in ``paths``, in the order the
+    batches came; ``({}, [])`` when none decodes. The one inference pass over files that training's feature pass,
+    its calibration and the OOD detector share."""
     import keras
     import tensorflow as tf
 
@@ -104,7 +106,7 @@ def extract_outputs(model, paths: Sequence[str], *, image_size: int, batch_size:
     forward = tf.function(lambda images: named(model(images, training=False)), reduce_retracing=True,
                           jit_compile=jit_compile)
     if decoded is None:
-        batches = indexed_images(paths, image_size=image_size, batch_size=batch_size)
+        batches = indexed_images(list(paths), image_size=image_size, batch_size=batch_size)
     else:
         batches = read_batches(decoded.images, decoded.rows, batch_size=batch_size)
     progress = keras.utils.Progbar(-(-len(paths) // batch_size), verbose=verbose, unit_name="batch")
@@ -116,8 +118,19 @@ def extract_outputs(model, paths: Sequence[str], *, image_size: int, batch_size:
     if len(values) < progress.target:  # undecodable files left the last batches short
         progress.update(len(values), finalize=True)
     if not rows:
+        return {}, np.zeros(0, np.int64)
+    return {name: np.concatenate([part[name] for part in values]) for name in values[0]}, np.concatenate(rows)
+
+
+def extract_outputs(model, paths: Sequence[str], *, image_size: int, batch_size: int, verbose: int = 1,
+                    decoded: DecodedImages | None = None,
+                    jit_compile: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`model_outputs` for the feature pass: DataError when no image decodes, and a warning naming each file
+    that does not (the first SKIPPED_SHOWN)."""
+    values, rows = model_outputs(model, paths, image_size=image_size, batch_size=batch_size, verbose=verbose,
+                                 decoded=decoded, jit_compile=jit_compile)
+    if not len(rows):
         raise DataError(f"none of the {len(paths)} images could be decoded (first: {paths[0] if paths else '-'})")
-    values, rows = {name: np.concatenate([part[name] for part in values]) for name in values[0]}, np.concatenate(rows)
     skipped = skipped_paths(paths, rows)
     for path in skipped[:SKIPPED_SHOWN]:
         log.warning("skipping %s: it could not be read or decoded as an image", path)

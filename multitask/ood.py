@@ -317,19 +317,12 @@ def feature_model(backbone: keras.Model, blocks: Sequence[str] = (PIXELS, *FEATU
 
 def extract(model: keras.Model, paths: Sequence[str], *, image_size: int,
             batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Block features of every file that decodes, and the positions of those files in ``paths``."""
-    import tensorflow as tf
+    """Block features (float64, as the detector is fitted) of every file that decodes, and the positions of those
+    files in ``paths`` (:func:`multitask.features.model_outputs`)."""
+    from multitask.features import model_outputs
 
-    from multitask.data import indexed_images
-
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    parts, rows = [], []
-    for index, images in indexed_images(list(paths), image_size=image_size, batch_size=batch_size):
-        parts.append({k: np.asarray(v, np.float64) for k, v in forward(images).items()})
-        rows.append(index.numpy())
-    if not parts:
-        return {}, np.zeros(0, np.int64)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(rows)
+    blocks, rows = model_outputs(model, paths, image_size=image_size, batch_size=batch_size)
+    return {name: values.astype(np.float64) for name, values in blocks.items()}, rows
 
 
 # ----------------------------------------------------------------------------------------------- fitting in train

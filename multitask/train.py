@@ -44,7 +44,6 @@ from multitask.calibration import calibration_record, fit_calibration
 from multitask.data import (
     BALANCE_KEYS,
     balance_weights,
-    indexed_images,
     make_dataset,
     sample_weights,
     scan_tree,
@@ -53,7 +52,7 @@ from multitask.data import (
 from multitask.decoded import DecodedImages, decoded_dataset, decoded_images, wants_decoded_cache
 from multitask.distribute import Workers, make_strategy, worker_role
 from multitask.errors import DataError
-from multitask.features import Features, cached_features, features_dataset
+from multitask.features import Features, cached_features, features_dataset, model_outputs
 from multitask.files import read_json, write_csv, write_json
 from multitask.history import best_epoch, plot_history, read_history, tidy_history
 from multitask.model import build_model, fit_feature_scaling, freeze_backbone, model_parts
@@ -387,14 +386,11 @@ class Trainer:
                                organ_labels=self.taxonomy.labels("organ") if "organ" in tasks else ())
 
     def _logits_of(self, paths: list[str]) -> dict[str, np.ndarray]:
-        """The model's logits for image files (all known to decode)."""
-        import tensorflow as tf
-
-        forward = tf.function(lambda images: self.model(images, training=False), reduce_retracing=True)
-        parts = [(index.numpy(), forward(images)) for index, images in
-                 indexed_images(paths, image_size=self.config.image_size, batch_size=self.config.batch_size)]
-        order = np.argsort(np.concatenate([index for index, _ in parts]))
-        return {t: np.concatenate([np.asarray(out[t]) for _, out in parts])[order] for t in self.config.tasks}
+        """The model's logits for image files (all known to decode), in the order of ``paths``."""
+        logits, rows = model_outputs(self.model, paths, image_size=self.config.image_size,
+                                     batch_size=self.config.batch_size)
+        order = np.argsort(rows)
+        return {t: logits[t][order] for t in self.config.tasks}
 
     def fit_ood(self, split: pd.DataFrame) -> dict[str, Any] | None:
         """The out-of-distribution detector (:mod:`multitask.ood`): fitted on the training images through the saved
