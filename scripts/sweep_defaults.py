@@ -69,6 +69,8 @@ RECIPES = {
                                     "loss_weights": {"organ": 1.0, "cancer": 2.0}},
     "frozen-384": {"image_size": 384},
     "tuned-384-mixed7-e3": {"image_size": 384, "fine_tune_epochs": 3, "unfreeze_from": "mixed7"},
+    "tuned-384-mixed7-e3-lr1e-4": {"image_size": 384, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
+                                   "fine_tune_learning_rate": 1e-4},
     "frozen-256-organs": {"image_size": 256, "balance": "organs"},
     "frozen-256-tta": {"image_size": 256, "tta": True},
     "tuned-256-mixed7-e3-noaug": {"image_size": 256, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
