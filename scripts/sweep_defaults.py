@@ -59,6 +59,8 @@ RECIPES = {
                                    "fine_tune_learning_rate": 1e-4},
     "tuned-299-mixed7-e3-lr3e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
                                    "fine_tune_learning_rate": 3e-4},
+    "tuned-299-mixed7-e4-lr1e-4": {"image_size": 299, "fine_tune_epochs": 4, "unfreeze_from": "mixed7",
+                                   "fine_tune_learning_rate": 1e-4},
     "tuned-299-mixed9-e3-lr1e-4": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed9",
                                    "fine_tune_learning_rate": 1e-4},
     "tuned-299-mixed7-e3-lr1e-4-cos": {"image_size": 299, "fine_tune_epochs": 3, "unfreeze_from": "mixed7",
