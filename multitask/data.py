@@ -346,7 +346,9 @@ def make_dataset(
     if known_length:
         ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(manifest) // batch_size)))
     if augment is not None and training:
-        ds = ds.map(lambda x, *rest: (augment(x), *rest), num_parallel_calls=autotune)
+        from multitask.augment import augment_calls  # in order on a CPU, so a seed gives the same model
+
+        ds = ds.map(lambda x, *rest: (augment(x), *rest), num_parallel_calls=augment_calls())
     return ds.prefetch(autotune)
 
 

@@ -244,5 +244,7 @@ def decoded_dataset(decoded: DecodedImages, positions: np.ndarray, labels, *, ba
 
     ds = ds.batch(batch_size).map(lambda index, *rest: (gather(index), *rest), num_parallel_calls=autotune)
     if augment is not None and training:
-        ds = ds.map(lambda x, *rest: (augment(tf.cast(x, tf.float32)), *rest), num_parallel_calls=autotune)
+        from multitask.augment import augment_calls  # in order on a CPU, so a seed gives the same model
+
+        ds = ds.map(lambda x, *rest: (augment(tf.cast(x, tf.float32)), *rest), num_parallel_calls=augment_calls())
     return ds.prefetch(autotune)
