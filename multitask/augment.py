@@ -70,10 +70,13 @@ def augment_calls() -> int | None:
     1.4e-3 apart in their weights and at validation loss 1.40 against 1.22; one at a time, identical. On a CPU the
     training step is ~10x slower than augmenting a batch (3.85 s against 0.38 s for 32 images at 299 px on one
     thread), so prefetching keeps up without parallel calls; a GPU may need them, and is not bit-reproducible anyway
-    (cuDNN)."""
+    (cuDNN). Whether a GPU trains is the Keras backend's answer (:func:`multitask.accelerate.gpu_capabilities`): under
+    JAX, TensorFlow itself (tf.data's) may see no GPU."""
     import tensorflow as tf
 
-    return tf.data.AUTOTUNE if tf.config.list_physical_devices("GPU") else None
+    from multitask.accelerate import gpu_capabilities
+
+    return tf.data.AUTOTUNE if gpu_capabilities() else None
 
 
 def make_augmenter(seed: int | None = None, *, strength: str = "standard") -> Callable | None:

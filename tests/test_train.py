@@ -11,7 +11,6 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 from conftest import IMAGE_SIZE
 
 from multitask import cli
@@ -274,10 +273,11 @@ def test_the_same_seed_augments_the_same_batches(demo_split_csv):
     from a seeded generator; a parallel tf.data map took its draws in thread order, and two identical fine-tuning
     runs ended apart (validation loss 1.40 against 1.22; this test's pipeline differed in 4 of 4 tries).
     On a CPU the map runs one batch at a time (multitask.augment.augment_calls)."""
+    from multitask.accelerate import gpu_capabilities
     from multitask.augment import augment_calls, make_augmenter
     from multitask.data import make_dataset
 
-    if tf.config.list_physical_devices("GPU"):
+    if gpu_capabilities():
         pytest.skip("with a GPU the augmentation map runs in parallel, for throughput")
     assert augment_calls() is None
     rows = pd.read_csv(demo_split_csv).head(48)
