@@ -273,15 +273,12 @@ class Trainer:
         def augmenter(training):  # --augment's strength on the training images; None for none, and for validation
             return make_augmenter(config.seed, strength=config.augment) if training else None
 
-        sizes = {}  # images per split that the datasets hold
-
         def dataset(name, training):
             if decoded is not None:  # the train and val rows, in split order, that the cache holds
                 positions = np.intersect1d(np.flatnonzero(self.fit_rows["split"].to_numpy() == name), decoded.rows)
                 rows = self.fit_rows.iloc[positions].reset_index(drop=True)
             else:
                 rows = split[(split["split"] == name) & ~split["path"].isin(unreadable)].reset_index(drop=True)
-            sizes[name] = len(rows)
             if rows.empty:
                 return None
             weights = self.sample_weights(rows, balance)
@@ -296,8 +293,9 @@ class Trainer:
                                 augment=augmenter(training))
 
         train_ds, val_ds = dataset("train", True), dataset("val", False)
-        # --fine-tune-schedule cosine: decay to 0 over the phase's optimizer steps (one per batch of an epoch)
-        decay_steps = (config.fine_tune_epochs * -(-sizes["train"] // config.batch_size)
+        # --fine-tune-schedule cosine: decay to 0 over the phase's optimizer steps (the batches of an epoch, which
+        # both datasets know: the cache's rows, or the files known to decode)
+        decay_steps = (config.fine_tune_epochs * int(train_ds.cardinality())
                        if config.fine_tune_schedule == "cosine" else None)
         with self.strategy.scope():
             trainable = freeze_backbone(self.parts.backbone, unfreeze_from=config.unfreeze_from)
