@@ -8,9 +8,11 @@ Each recipe trains once per seed, on that seed's grouped 70/15/15 split (made on
 feature cache shared by every run. A recipe is scored on the validation split (organ balanced accuracy, cancer
 ROC-AUC and balanced accuracy at the run's operating point, and per-organ sensitivity / specificity), averaged over
 the seeds, because one small validation split is noisy; the recipe with the best mean of organ balanced accuracy
-and cancer ROC-AUC wins. The test split is scored too, for the README, and never used to choose. Writes
-``runs.csv`` (one row per run), ``sweep.csv`` (one row per recipe: mean and min-max over the seeds) and
-``sweep.json`` into ``--out``, and prints both tables and the winner.
+and cancer ROC-AUC wins, and replaces today's default only if it also scores higher than the default on every seed
+both ran (:func:`verdict`): a mean gain that one split reverses is within the split-to-split noise. The test
+split is scored too, for the README, and never used to choose. Writes ``runs.csv`` (one row per run),
+``sweep.csv`` (one row per recipe: mean and min-max over the seeds) and ``sweep.json`` into ``--out``, and prints
+both tables, the winner and the verdict.
 
 A recipe is training settings (TrainConfig fields: image size, fine-tuning, ``augment``, ``balance``...) plus
 evaluation options (:data:`EVALUATION_OPTIONS`: ``tta``, flip test-time augmentation, scored with
@@ -95,6 +97,31 @@ def training_settings(recipe: str) -> dict:
     row was measured."""
     return {"fine_tune_epochs": 0, "fine_tune_learning_rate": SWEPT_FINE_TUNE_LR, "fine_tune_schedule": SWEPT_SCHEDULE,
             **{k: v for k, v in RECIPES[recipe].items() if k not in EVALUATION_OPTIONS}}
+
+
+def default_recipe() -> str | None:
+    """The first recipe that trains what ``multitask train --weights W`` trains today (TrainConfig's defaults with
+    pretrained weights), or None when no recipe does."""
+    today = TrainConfig(weights="pretrained.weights.h5")
+    return next((name for name in RECIPES if not set(RECIPES[name]) & set(EVALUATION_OPTIONS)
+                 and all(getattr(today, k) == v for k, v in training_settings(name).items())), None)
+
+
+def verdict(runs: pd.DataFrame, winner: str, default: str | None) -> tuple[str, str]:
+    """The recipe to make the default, and why: the validation ``winner`` only if its choice score beats the
+    ``default``'s on every seed both ran; else the default stays (a gain that one split reverses is noise)."""
+    if default is None or default not in set(runs["recipe"]):
+        return winner, f"{winner} wins; today's default was not swept, so nothing to compare it with"
+    if winner == default:
+        return default, f"the default, {default}, wins"
+    score = runs.assign(choice=runs[list(CHOICE)].mean(axis=1)).pivot(index="seed", columns="recipe",
+                                                                      values="choice")
+    gains = (score[winner] - score[default]).dropna()
+    per_seed = ", ".join(f"seed {seed} {gain:+.3f}" for seed, gain in gains.items())
+    if len(gains) and (gains > 0).all():
+        return winner, f"{winner} beats the default, {default}, on every seed ({per_seed}): it should replace it"
+    return default, (f"{winner} has the best mean, but not a higher score than the default, {default}, on every "
+                     f"seed ({per_seed}): the default stays")
 
 
 def trained_as(recipe: str) -> str:
@@ -193,13 +220,17 @@ def main() -> None:
     runs = runs[runs["recipe"].isin(recipes) & runs["seed"].isin(seeds)]
     table = summarise(runs)
     table.to_csv(out / "sweep.csv")
+    default = default_recipe()
+    chosen, why = verdict(runs, table.index[0], default)
     (out / "sweep.json").write_text(json.dumps({"seeds": seeds, "choice": list(CHOICE), "winner": table.index[0],
+                                                "default": default, "chosen": chosen, "verdict": why,
                                                 "recipes": {r: RECIPES[r] for r in recipes},
                                                 "table": json.loads(table.to_json(orient="index"))}, indent=2))
     pd.set_option("display.width", 250)
     headline = [*CHOICE, "val_cancer_bacc", "test_organ_bacc", "test_cancer_auc", "test_cancer_bacc", "train_s"]
     print(table[headline + [f"{c}_range" for c in CHOICE]].round(3).to_string())
     print(f"winner on validation (mean of {' and '.join(CHOICE)} over seeds {seeds}): {table.index[0]}")
+    print(f"verdict: {why}")
 
 
 if __name__ == "__main__":

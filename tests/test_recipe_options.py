@@ -247,10 +247,15 @@ def test_evaluate_with_tta_says_so(joint_run, tmp_path):
 # ----------------------------------------------------------------------------------------------- the sweep
 
 
-def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
+def _sweep_module():
     spec = importlib.util.spec_from_file_location("sweep_defaults", SWEEP)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
+    sweep = _sweep_module()
     for recipe in sweep.RECIPES:
         config = sweep.recipe_config(recipe, 42, split_file=tmp_path / "split.csv", out=tmp_path, weights="w")
         assert config.image_size == sweep.RECIPES[recipe]["image_size"]
@@ -269,10 +274,33 @@ def test_every_sweep_recipe_builds_a_valid_config(tmp_path):
                                weights="w").fine_tune_schedule == "constant"
     assert sweep.recipe_config("tuned-299-mixed7-e3-lr1e-4-cos", 7, split_file=tmp_path / "s.csv", out=tmp_path,
                                weights="w").fine_tune_schedule == "cosine"
+    # Today's default is a swept row: the one the verdict compares every challenger with.
     default = TrainConfig(split_file="s.csv", weights="w")
-    assert any(sweep.training_settings(recipe) == {"fine_tune_epochs": default.fine_tune_epochs,
-                                                   "fine_tune_learning_rate": default.fine_tune_learning_rate,
-                                                   "fine_tune_schedule": default.fine_tune_schedule,
-                                                   "image_size": default.image_size,
-                                                   "unfreeze_from": default.unfreeze_from}
-               for recipe in sweep.RECIPES)
+    assert sweep.default_recipe() == "tuned-299-mixed7-e3-lr1e-4"
+    assert sweep.training_settings(sweep.default_recipe()) == {
+        "fine_tune_epochs": default.fine_tune_epochs, "fine_tune_learning_rate": default.fine_tune_learning_rate,
+        "fine_tune_schedule": default.fine_tune_schedule, "image_size": default.image_size,
+        "unfreeze_from": default.unfreeze_from}
+
+
+def test_the_sweep_replaces_the_default_only_with_a_recipe_better_on_every_seed():
+    sweep = _sweep_module()
+    default, challenger = "tuned-299-mixed7-e3-lr1e-4", "tuned-299-mixed7-e3-lr3e-4"
+
+    def runs(challenger_scores):  # choice score = the mean of the two CHOICE columns
+        return pd.DataFrame([{"recipe": recipe, "seed": seed, "val_organ_bacc": score, "val_cancer_auc": score}
+                             for recipe, scores in ((default, (0.93, 0.95, 0.96)), (challenger, challenger_scores))
+                             for seed, score in zip((42, 7, 1234), scores, strict=True)])
+
+    # The reproducible rerun of the sweep (README "Training"): a higher mean, but lower on seed 1234.
+    chosen, why = sweep.verdict(runs((0.96, 0.96, 0.955)), challenger, default)
+    assert chosen == default
+    assert why == (f"{challenger} has the best mean, but not a higher score than the default, {default}, on every "
+                   "seed (seed 7 +0.010, seed 42 +0.030, seed 1234 -0.005): the default stays")
+    chosen, why = sweep.verdict(runs((0.94, 0.96, 0.97)), challenger, default)
+    assert chosen == challenger and why.endswith("on every seed (seed 7 +0.010, seed 42 +0.010, seed 1234 +0.010): "
+                                                 "it should replace it")
+    assert sweep.verdict(runs((0.94, 0.96, 0.97)), default, default)[0] == default
+    unswept = runs((0.94, 0.96, 0.97)).query("recipe != @default")
+    assert sweep.verdict(unswept, challenger, default) == (
+        challenger, f"{challenger} wins; today's default was not swept, so nothing to compare it with")
