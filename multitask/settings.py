@@ -76,8 +76,8 @@ BOOTSTRAP_SEED = 0
 PRETRAINED_FINE_TUNE_EPOCHS = 3
 # Fine-tuning's learning rate, as a multiple of the heads' (learning_rate), from the same sweep at 299 px + 3 epochs:
 # 1x (1e-4) scored higher than 0.1x (1e-5, the rate used until then) on every seed, in the first sweep (0.957
-# against 0.935) and in the reproducible rerun (0.944); 3x (0.957 in the rerun) and 0.3x (0.947) did not beat 1x
-# on every seed.
+# against 0.935) and in the reproducible rerun (0.944 against 0.934); 3x (0.957 in the rerun) and 0.3x (0.947)
+# did not beat 1x on every seed.
 FINE_TUNE_LR_FACTOR = 1.0
 
 
